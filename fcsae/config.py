@@ -1,0 +1,270 @@
+"""Typed, frozen configuration for one trial.
+
+Every field has a docstring (the string literal under it) and is checked in
+``__post_init__``: a bad value raises ``FcsaeInputError`` naming the field and
+what is allowed. YAML lives only at the edge (search spaces, ``fcsae train
+--config``); ``from_dict`` turns a plain mapping into these classes and
+refuses unknown keys.
+
+Each class belongs to one module: ``LMConfig``/``HarvestConfig`` to
+lm/corpus/activations, ``SAEConfig`` to sae, ``TrainerConfig`` to trainer and
+resample, ``TrackerConfig``/``SplitConfig`` to tracker and split,
+``EvalConfig`` to evals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+from fcsae.errors import FcsaeInputError, require
+
+# Chosen from the first-letter probe table in docs/default-model.md.
+DEFAULT_MODEL = "smollm2-135m"
+"""Short name of the offline default model (see ``fcsae.lm``)."""
+DEFAULT_LAYER = 8
+"""Residual-stream layer hooked by default (``blocks.{layer}.hook_resid_post``)."""
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Which language model and hook point activations come from."""
+
+    model: str = DEFAULT_MODEL
+    """Short offline name (``smollm2-135m``, ``gemma3-270m``), any TransformerLens/HF name, or a local directory."""
+    layer: int = DEFAULT_LAYER
+    """Residual stream after this block: ``blocks.{layer}.hook_resid_post``."""
+    device: str = "cpu"
+    """Torch device for the language model (``cpu``, ``cuda``, ``cuda:1``)."""
+    dtype: str = "float32"
+    """Dtype the language model runs in: ``float32``, ``bfloat16`` or ``float16``."""
+
+    def __post_init__(self):
+        require(bool(self.model), "model: must be a non-empty name or path")
+        require(isinstance(self.layer, int) and self.layer >= 0, f"layer: must be an integer >= 0, got {self.layer!r}")
+        require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What to harvest into the on-disk activation cache."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    """Model and layer."""
+    corpus: str = "offline"
+    """``offline`` (the packaged default corpus), a local text/parquet/json file, or a ``datasets`` hub name."""
+    tokens: int = 200_000
+    """Number of activation vectors (tokens, BOS positions excluded) to store."""
+    context_len: int = 128
+    """Tokens per packed context, BOS included."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Activation vectors per shard file; an interrupted harvest resumes at a shard boundary."""
+    store_dtype: str = "float16"
+    """On-disk dtype of activations: ``float16`` or ``bfloat16``."""
+
+    def __post_init__(self):
+        require(isinstance(self.tokens, int) and self.tokens > 0, f"tokens: must be a positive integer, got {self.tokens!r}")
+        require(self.context_len >= 2, f"context_len: must be >= 2, got {self.context_len!r}")
+        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size!r}")
+        require(self.shard_tokens >= 1, f"shard_tokens: must be >= 1, got {self.shard_tokens!r}")
+        require(self.store_dtype in ("float16", "bfloat16"), f"store_dtype: must be float16 or bfloat16, got {self.store_dtype!r}")
+
+
+ACTIVATIONS = ("topk", "relu")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and activation function of one sparse autoencoder."""
+
+    d_in: int
+    """Width of the input activations (the model's d_model)."""
+    dict_size: int = 4096
+    """Number of latents."""
+    activation: str = "topk"
+    """``topk`` (k largest pre-activations, then ReLU) or ``relu`` (trained with an L1 penalty)."""
+    k: int = 32
+    """Active latents per token for ``topk``; ignored for ``relu``."""
+
+    def __post_init__(self):
+        require(isinstance(self.d_in, int) and self.d_in >= 1, f"d_in: must be an integer >= 1, got {self.d_in!r}")
+        require(isinstance(self.dict_size, int) and self.dict_size >= 1, f"dict_size: must be an integer >= 1, got {self.dict_size!r}")
+        require(self.activation in ACTIVATIONS, f"activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.activation == "topk":
+            require(isinstance(self.k, int) and 1 <= self.k <= self.dict_size,
+                    f"k: must be an integer in [1, dict_size={self.dict_size}], got {self.k!r}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation, schedule, dead-latent handling and checkpoint cadence."""
+
+    lr: float = 4e-4
+    """Adam learning rate after warm-up."""
+    batch_size: int = 4096
+    """Activation vectors per step."""
+    total_tokens: int = 2_000_000
+    """Training budget in activation vectors; steps = total_tokens // batch_size."""
+    warmup_steps: int = 100
+    """Linear LR warm-up from 0."""
+    decay_start: float = 0.8
+    """Fraction of training after which the LR decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    l1_coeff: float = 5.0
+    """L1 coefficient for ``relu`` SAEs (penalty on activation x decoder-row norm)."""
+    l1_warmup_steps: int = 200
+    """Linear warm-up of the L1 coefficient for ``relu`` SAEs."""
+    auxk_coeff: float = 1 / 32
+    """AuxK loss coefficient for ``topk`` SAEs (the TopK paper's default); 0 disables."""
+    auxk_k: int = 256
+    """Dead latents used by the AuxK loss."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead after this many tokens without firing."""
+    resample_every: int = 0
+    """Steps between resampling/splitting events (0: never)."""
+    resample_until: float = 0.7
+    """No resampling/splitting after this fraction of training (lets the SAE settle)."""
+    buffer_tokens: int = 16_384
+    """Recent inputs kept for resampling and splitting."""
+    seed: int = 0
+    """Seed for initialisation, data order and resampling."""
+    log_every: int = 50
+    """Steps between metric callbacks."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    device: str = "cpu"
+    """Torch device for the SAE."""
+
+    def __post_init__(self):
+        require(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
+        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size!r}")
+        require(self.total_tokens >= 1, f"total_tokens: must be >= 1, got {self.total_tokens!r}")
+        require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps!r}")
+        require(0.0 <= self.decay_start <= 1.0, f"decay_start: must be in [0, 1], got {self.decay_start!r}")
+        require(self.grad_clip >= 0, f"grad_clip: must be >= 0, got {self.grad_clip!r}")
+        require(self.l1_coeff >= 0, f"l1_coeff: must be >= 0, got {self.l1_coeff!r}")
+        require(self.auxk_coeff >= 0, f"auxk_coeff: must be >= 0, got {self.auxk_coeff!r}")
+        require(self.dead_tokens >= 1, f"dead_tokens: must be >= 1, got {self.dead_tokens!r}")
+        require(self.resample_every >= 0, f"resample_every: must be >= 0, got {self.resample_every!r}")
+        require(0.0 <= self.resample_until <= 1.0, f"resample_until: must be in [0, 1], got {self.resample_until!r}")
+        require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every!r}")
+
+    @property
+    def total_steps(self) -> int:
+        """Number of optimiser steps."""
+        return max(1, self.total_tokens // self.batch_size)
+
+
+CONSISTENCY = ("normalized", "seed")
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Frequency-consistency tracker (see DESIGN.md, "The method")."""
+
+    enabled: bool = False
+    """Update the tracker every step (always on when the split criterion needs it)."""
+    ema_alpha: float = 0.99
+    """EMA decay of the per-latent firing frequency, in (0, 1)."""
+    tau_act: float = 0.0
+    """A latent counts as active on a token when |a_i| > tau_act."""
+    consistency: str = "normalized"
+    """``normalized`` (||mu||^2 / E||x||^2, scale-free) or ``seed`` (1 / (1 + tr(Sigma)/d_in))."""
+
+    def __post_init__(self):
+        require(0.0 < self.ema_alpha < 1.0, f"ema_alpha: must be in (0, 1), got {self.ema_alpha!r}")
+        require(self.tau_act >= 0.0, f"tau_act: must be >= 0, got {self.tau_act!r}")
+        require(self.consistency in CONSISTENCY, f"consistency: must be one of {', '.join(CONSISTENCY)}, got {self.consistency!r}")
+
+
+CRITERIA = ("none", "dead", "fc", "frequency", "inconsistency")
+RULES = ("zscore", "top_fraction")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which latents are split (or resampled) at each resampling event."""
+
+    criterion: str = "none"
+    """``none``, ``dead`` (classic dead-latent resampling), ``fc`` (f*(1-c)), ``frequency`` (f), ``inconsistency`` (1-c)."""
+    rule: str = "zscore"
+    """``zscore`` (score > mean + z*std) or ``top_fraction`` (the top fraction of scores)."""
+    z: float = 3.0
+    """Threshold in standard deviations for ``zscore``."""
+    top_fraction: float = 0.01
+    """Fraction of latents selected by ``top_fraction``."""
+    max_splits: int = 64
+    """At most this many splits per event."""
+    min_inputs: int = 16
+    """Latents with fewer activating inputs in the buffer are not split."""
+
+    def __post_init__(self):
+        require(self.criterion in CRITERIA, f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        require(self.rule in RULES, f"rule: must be one of {', '.join(RULES)}, got {self.rule!r}")
+        require(0.0 < self.top_fraction <= 1.0, f"top_fraction: must be in (0, 1], got {self.top_fraction!r}")
+        require(self.max_splits >= 1, f"max_splits: must be >= 1, got {self.max_splits!r}")
+        require(self.min_inputs >= 2, f"min_inputs: must be >= 2, got {self.min_inputs!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Budgets of the core and absorption evals."""
+
+    core_tokens: int = 16_384
+    """Held-out tokens for the core metrics (with the SAE spliced into the model)."""
+    absorption_words: int = 8_000
+    """Single-token words for the first-letter probe."""
+    icl_examples: int = 10
+    """In-context examples per absorption prompt."""
+    probe_f1_min: float = 0.6
+    """Letters whose probe F1 is below this are dropped."""
+    max_k: int = 10
+    """Largest k in k-sparse probing."""
+    f1_jump: float = 0.03
+    """F1 gain that makes an extra latent a feature split."""
+    seed: int = 0
+    """Seed for word sampling and probe training."""
+
+    def __post_init__(self):
+        require(self.core_tokens >= 1, f"core_tokens: must be >= 1, got {self.core_tokens!r}")
+        require(self.absorption_words >= 26, f"absorption_words: must be >= 26, got {self.absorption_words!r}")
+        require(self.icl_examples >= 0, f"icl_examples: must be >= 0, got {self.icl_examples!r}")
+        require(0.0 <= self.probe_f1_min <= 1.0, f"probe_f1_min: must be in [0, 1], got {self.probe_f1_min!r}")
+        require(self.max_k >= 1, f"max_k: must be >= 1, got {self.max_k!r}")
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys with a clear error.
+
+    Nested dataclass fields accept nested mappings. ``where`` prefixes field
+    names in error messages (e.g. ``trainer.``).
+    """
+    if not isinstance(data, Mapping):
+        raise FcsaeInputError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise FcsaeInputError(f"{where}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _dataclass_by_name.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        if sub is not None and isinstance(value, Mapping):
+            value = from_dict(sub, value, f"{where}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except FcsaeInputError as e:
+        raise FcsaeInputError(f"{where}{e}") from None
+    except TypeError as e:
+        raise FcsaeInputError(f"{where or cls.__name__}: {e}") from None
+
+
+_dataclass_by_name = {c.__name__: c for c in (LMConfig, HarvestConfig, SAEConfig, TrainerConfig, TrackerConfig, SplitConfig, EvalConfig)}

@@ -1,0 +1,1 @@
+"""Evaluations of a trained SAE: core reconstruction metrics and first-letter absorption."""

@@ -1,0 +1,1 @@
+"""Sweeps of fcsae trials with Ray Tune + Optuna. The only package that imports ray."""

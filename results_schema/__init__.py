@@ -1,0 +1,1 @@
+"""The result table's contract: schema, atomic per-trial writes, polars scans."""
