@@ -98,6 +98,9 @@ class SAEConfig:
                     f"k: must be an integer in [1, dict_size={self.dict_size}], got {self.k!r}")
 
 
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Optimisation, schedule, dead-latent handling and checkpoint cadence."""
@@ -138,8 +141,15 @@ class TrainerConfig:
     """Steps between checkpoints (0: only at the end)."""
     device: str = "cpu"
     """Torch device for the SAE."""
+    b_dec_init: str = "geometric_median"
+    """Decoder-bias initialisation from the first batch: ``geometric_median``, ``mean`` or ``zeros`` (keep as is)."""
 
     def __post_init__(self):
+        require(self.b_dec_init in B_DEC_INITS, f"b_dec_init: must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
+        require(self.buffer_tokens >= 0, f"buffer_tokens: must be >= 0, got {self.buffer_tokens!r}")
+        require(self.auxk_k >= 1, f"auxk_k: must be >= 1, got {self.auxk_k!r}")
+        require(self.l1_warmup_steps >= 0, f"l1_warmup_steps: must be >= 0, got {self.l1_warmup_steps!r}")
+        require(self.checkpoint_every >= 0, f"checkpoint_every: must be >= 0, got {self.checkpoint_every!r}")
         require(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size!r}")
         require(self.total_tokens >= 1, f"total_tokens: must be >= 1, got {self.total_tokens!r}")
@@ -160,6 +170,8 @@ class TrainerConfig:
 
 
 CONSISTENCY = ("normalized", "seed")
+HORIZONS = ("ema", "all")
+WEIGHTINGS = ("count", "activation")
 
 
 @dataclass(frozen=True)
@@ -174,11 +186,19 @@ class TrackerConfig:
     """A latent counts as active on a token when |a_i| > tau_act."""
     consistency: str = "normalized"
     """``normalized`` (||mu||^2 / E||x||^2, scale-free) or ``seed`` (1 / (1 + tr(Sigma)/d_in))."""
+    horizon: str = "ema"
+    """Horizon of the per-latent input statistics: ``ema`` (sums decay by ``ema_alpha`` each step, so they follow the
+    latent as it trains) or ``all`` (whole history since the last reset)."""
+    weighting: str = "count"
+    """How each activating input counts in the latent's statistics: ``count`` (once) or ``activation`` (by its activation value)."""
 
     def __post_init__(self):
-        require(0.0 < self.ema_alpha < 1.0, f"ema_alpha: must be in (0, 1), got {self.ema_alpha!r}")
-        require(self.tau_act >= 0.0, f"tau_act: must be >= 0, got {self.tau_act!r}")
+        require(isinstance(self.ema_alpha, (int, float)) and 0.0 < self.ema_alpha < 1.0,
+                f"ema_alpha: must be in (0, 1), got {self.ema_alpha!r}")
+        require(isinstance(self.tau_act, (int, float)) and self.tau_act >= 0.0, f"tau_act: must be >= 0, got {self.tau_act!r}")
         require(self.consistency in CONSISTENCY, f"consistency: must be one of {', '.join(CONSISTENCY)}, got {self.consistency!r}")
+        require(self.horizon in HORIZONS, f"horizon: must be one of {', '.join(HORIZONS)}, got {self.horizon!r}")
+        require(self.weighting in WEIGHTINGS, f"weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
 
 CRITERIA = ("none", "dead", "fc", "frequency", "inconsistency")
@@ -201,6 +221,8 @@ class SplitConfig:
     """At most this many splits per event."""
     min_inputs: int = 16
     """Latents with fewer activating inputs in the buffer are not split."""
+    kmeans_iters: int = 10
+    """Lloyd iterations of the 2-means that divides a split latent's activating inputs."""
 
     def __post_init__(self):
         require(self.criterion in CRITERIA, f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
@@ -208,6 +230,8 @@ class SplitConfig:
         require(0.0 < self.top_fraction <= 1.0, f"top_fraction: must be in (0, 1], got {self.top_fraction!r}")
         require(self.max_splits >= 1, f"max_splits: must be >= 1, got {self.max_splits!r}")
         require(self.min_inputs >= 2, f"min_inputs: must be >= 2, got {self.min_inputs!r}")
+        require(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1,
+                f"kmeans_iters: must be an integer >= 1, got {self.kmeans_iters!r}")
 
 
 @dataclass(frozen=True)
