@@ -252,9 +252,28 @@ class EvalConfig:
     """F1 gain that makes an extra latent a feature split."""
     seed: int = 0
     """Seed for word sampling and probe training."""
+    corpus: str = "offline"
+    """Text source of the core eval's held-out tokens (as ``HarvestConfig.corpus``); its ``test`` split is used."""
+    context_len: int = 128
+    """Tokens per packed eval context, BOS included (use the harvest's ``context_len``)."""
+    batch_size: int = 8
+    """Contexts (core) per forward pass; absorption prompts per pass are ``batch_size * 32``."""
+    kl_topk: int = 64
+    """Clean next-token log-probs cached per position for the KL score (top k + a rest bucket); 0 = exact KL, recomputing clean logits per trial."""
+    icl_prefixes: int = 32
+    """Distinct in-context prefixes shared by the absorption prompts (each run once, its KV cache reused); 0 = a fresh prefix per prompt as in SAEBench (about 12x slower)."""
+    absorption_train_fraction: float = 0.8
+    """Fraction of the absorption words used to train the probes; the rest is the test split that is scored."""
 
     def __post_init__(self):
         require(self.core_tokens >= 1, f"core_tokens: must be >= 1, got {self.core_tokens!r}")
+        require(bool(self.corpus), "corpus: must be 'offline', a local file or a datasets hub name")
+        require(isinstance(self.context_len, int) and self.context_len >= 2, f"context_len: must be an integer >= 2, got {self.context_len!r}")
+        require(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size: must be an integer >= 1, got {self.batch_size!r}")
+        require(isinstance(self.kl_topk, int) and self.kl_topk >= 0, f"kl_topk: must be an integer >= 0, got {self.kl_topk!r}")
+        require(isinstance(self.icl_prefixes, int) and self.icl_prefixes >= 0, f"icl_prefixes: must be an integer >= 0, got {self.icl_prefixes!r}")
+        require(0.0 < self.absorption_train_fraction < 1.0, f"absorption_train_fraction: must be in (0, 1), got {self.absorption_train_fraction!r}")
+        require(self.f1_jump >= 0, f"f1_jump: must be >= 0, got {self.f1_jump!r}")
         require(self.absorption_words >= 26, f"absorption_words: must be >= 26, got {self.absorption_words!r}")
         require(self.icl_examples >= 0, f"icl_examples: must be >= 0, got {self.icl_examples!r}")
         require(0.0 <= self.probe_f1_min <= 1.0, f"probe_f1_min: must be in [0, 1], got {self.probe_f1_min!r}")
