@@ -1,0 +1,219 @@
+"""Absorption-guided latent splitting (DESIGN.md, "The method").
+
+At each resampling event ``SplitPolicy`` reads the tracker's scores, selects
+latents by the configured criterion and rule, and splits each selected latent
+i in two:
+
+1. its activating inputs in the recent buffer (found by running the SAE on the
+   buffer) are taken relative to ``b_dec`` -- the origin the SAE's encoder and
+   decoder work from, as the dead-latent baseline does -- and divided by
+   2-means (k-means++ seeding from ``ctx.generator``, then Lloyd iterations);
+2. latent i takes the centroid closer in direction to its current decoder row,
+   a recycled latent j (dead first, else the least frequent one, never a latent
+   selected in this event) takes the other;
+3. decoder rows = unit centroid directions; encoder columns = the same
+   directions scaled to latent i's encoder norm, encoder biases = latent i's
+   bias (both halves inherit i's scale, so a TopK SAE keeps selecting them;
+   the classic 0.2 x mean-norm would make an alive latent's halves too weak to
+   enter the top k);
+4. Adam moments (``fcsae.resample.reset_adam_rows``) and tracker statistics of
+   i and j are reset.
+
+Latents with fewer than ``min_inputs`` activating inputs in the buffer, or
+whose inputs do not separate into two non-empty groups, are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+
+from fcsae.config import SplitConfig
+from fcsae.errors import FcsaeInputError
+
+log = logging.getLogger(__name__)
+
+SPLIT_CRITERIA = ("fc", "frequency", "inconsistency")
+
+ENCODE_CHUNK = 2048
+"""Buffer rows encoded at once when looking for activating inputs (bounds the dense [chunk, F] memory)."""
+
+
+class TwoMeans(NamedTuple):
+    """Result of ``two_means``."""
+
+    centroids_2D: torch.Tensor
+    """The two centroids."""
+    assign_N: torch.Tensor
+    """Group (0 or 1) of each input."""
+    sizes: tuple[int, int]
+    """Inputs per group."""
+
+
+def criterion_scores(criterion: str, scores) -> torch.Tensor:
+    """The per-latent quantity a criterion ranks by: ``fc`` s_i, ``frequency`` f_i, ``inconsistency`` 1 - c_i."""
+    if criterion == "fc":
+        return scores.score_F
+    if criterion == "frequency":
+        return scores.freq_F
+    if criterion == "inconsistency":
+        return 1.0 - scores.consistency_F
+    raise ValueError(f"criterion {criterion!r} is not a splitting criterion (fc, frequency, inconsistency)")
+
+
+def select_latents(score_F: torch.Tensor, eligible_F: torch.Tensor, cfg: SplitConfig) -> torch.Tensor:
+    """Latents selected by ``cfg.rule``, highest score first (not yet capped by ``max_splits``).
+
+    The population is the eligible latents with a positive score. ``zscore``:
+    score > mean + z * std over the population (population std). ``top_fraction``:
+    the ``max(1, floor(top_fraction * population))`` highest scores, ties to the
+    lower index.
+    """
+    pop_F = eligible_F & (score_F > 0)
+    ids = pop_F.nonzero().flatten()
+    if ids.numel() == 0:
+        return ids
+    vals = score_F[ids].double()
+    if cfg.rule == "zscore":
+        thresh = vals.mean() + cfg.z * vals.std(unbiased=False)
+        keep = vals > thresh
+        ids, vals = ids[keep], vals[keep]
+    else:
+        n = max(1, int(cfg.top_fraction * ids.numel()))
+        order = torch.sort(-vals, stable=True).indices[:n]
+        ids, vals = ids[order], vals[order]
+    order = torch.sort(-vals, stable=True).indices
+    return ids[order]
+
+
+def two_means(x_ND: torch.Tensor, iters: int, generator: torch.Generator) -> TwoMeans | None:
+    """2-means of the rows of ``x_ND``: k-means++ seeding, then ``iters`` Lloyd steps.
+
+    Deterministic given the generator's state. None when the rows do not
+    separate (all identical, or a group runs empty).
+    """
+    n = x_ND.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    d2_N = (x_ND - x_ND[first]).pow(2).sum(1)
+    if not bool((d2_N > 0).any()):
+        return None
+    second = int(torch.multinomial(d2_N.double().cpu(), 1, generator=generator))
+    cent_2D = torch.stack([x_ND[first], x_ND[second]])
+    assign_N = None
+    for _ in range(iters):
+        new_assign_N = torch.cdist(x_ND, cent_2D).argmin(1)
+        if assign_N is not None and torch.equal(new_assign_N, assign_N):
+            break
+        assign_N = new_assign_N
+        n1 = int(assign_N.sum())
+        if n1 == 0 or n1 == n:
+            return None
+        cent_2D = torch.stack([x_ND[assign_N == 0].mean(0), x_ND[assign_N == 1].mean(0)])
+    n1 = int(assign_N.sum())
+    return TwoMeans(cent_2D, assign_N, (n - n1, n1))
+
+
+@torch.no_grad()
+def activating_rows(sae, x_ND: torch.Tensor, latent_ids: torch.Tensor, tau_act: float) -> list[torch.Tensor]:
+    """For each latent in ``latent_ids``, the buffer rows where ``|a| > tau_act`` (chunked forward, no [N, F] tensor)."""
+    F = sae.cfg.dict_size
+    pos_F = torch.full((F,), -1, dtype=torch.int64, device=x_ND.device)
+    pos_F[latent_ids] = torch.arange(latent_ids.numel(), device=x_ND.device)
+    pairs_rows, pairs_pos = [], []
+    for start in range(0, x_ND.shape[0], ENCODE_CHUNK):
+        out = sae(x_ND[start:start + ENCODE_CHUNK])
+        if getattr(out, "idx_BK", None) is not None:
+            p_BK = pos_F[out.idx_BK]
+            hit_BK = (p_BK >= 0) & (out.acts_BK.abs() > tau_act)
+            rows, cols = hit_BK.nonzero(as_tuple=True)
+            p = p_BK[rows, cols]
+        else:
+            rows, p = (out.latents_BF[:, latent_ids].abs() > tau_act).nonzero(as_tuple=True)
+        pairs_rows.append(rows + start)
+        pairs_pos.append(p)
+    rows_N = torch.cat(pairs_rows) if pairs_rows else torch.zeros(0, dtype=torch.int64, device=x_ND.device)
+    pos_N = torch.cat(pairs_pos) if pairs_pos else rows_N
+    return [rows_N[pos_N == j] for j in range(latent_ids.numel())]
+
+
+class SplitPolicy:
+    """Split latents whose frequency/consistency score passes ``split_cfg``'s rule (see the module docstring)."""
+
+    def __init__(self, split_cfg: SplitConfig):
+        """Check that the criterion is one that splits (``fc``, ``frequency``, ``inconsistency``)."""
+        if split_cfg.criterion not in SPLIT_CRITERIA:
+            raise FcsaeInputError(f"criterion: SplitPolicy needs one of {', '.join(SPLIT_CRITERIA)}, got {split_cfg.criterion!r}")
+        self.cfg = split_cfg
+
+    @torch.no_grad()
+    def __call__(self, ctx) -> list[dict]:
+        """Select, split and recycle; return one ``split`` event dict per split."""
+        if ctx.tracker is None:
+            raise ValueError(f"split criterion {self.cfg.criterion!r} needs the frequency-consistency tracker")
+        sae, cfg = ctx.sae, self.cfg
+        scores = ctx.tracker.scores()
+        score_F = criterion_scores(cfg.criterion, scores)
+        dead_F = ctx.dead_mask_F.to(score_F.device)
+        candidates = select_latents(score_F, ~dead_F & (scores.count_F > 0), cfg)
+        if candidates.numel() == 0 or ctx.buffer_ND.shape[0] == 0:
+            return []
+        tau = getattr(getattr(ctx.tracker, "cfg", None), "tau_act", 0.0)
+        rows = activating_rows(sae, ctx.buffer_ND, candidates, tau)
+        partners = recycle_order(dead_F, scores.freq_F, candidates)
+        events: list[dict] = []
+        for lat, rows_N in zip(candidates.tolist(), rows):
+            if len(events) >= cfg.max_splits or not partners:
+                break
+            if rows_N.numel() < cfg.min_inputs:
+                log.debug("step %d: latent %d not split: %d activating inputs < min_inputs %d",
+                          ctx.step, lat, rows_N.numel(), cfg.min_inputs)
+                continue
+            x_ND = ctx.buffer_ND[rows_N] - sae.b_dec
+            km = two_means(x_ND, cfg.kmeans_iters, ctx.generator)
+            if km is None:
+                log.debug("step %d: latent %d not split: its inputs do not form two groups", ctx.step, lat)
+                continue
+            partner = partners.pop(0)
+            sizes = apply_split(ctx, lat, partner, km)
+            ev = {"step": ctx.step, "kind": "split", "latent": lat, "partner": partner,
+                  "score": float(score_F[lat]), "group_sizes": list(sizes)}
+            log.info("step %d: split latent %d (%s score %.4g) into %d and %d, groups %s",
+                     ctx.step, lat, cfg.criterion, ev["score"], lat, partner, sizes)
+            events.append(ev)
+        return events
+
+
+def recycle_order(dead_F: torch.Tensor, freq_F: torch.Tensor, selected: torch.Tensor) -> list[int]:
+    """Latents to recycle as split partners: dead ones first, then by ascending frequency; never a selected one."""
+    free_F = torch.ones_like(dead_F)
+    free_F[selected] = False
+    ids = free_F.nonzero().flatten()
+    # Dead latents sort before every alive one whatever their (stale) frequency; ties go to the lower index.
+    key = freq_F[ids].double() - 2.0 * dead_F[ids].double()
+    return ids[torch.sort(key, stable=True).indices].tolist()
+
+
+@torch.no_grad()
+def apply_split(ctx, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
+    """Point ``lat`` and ``partner`` at the two centroids; reset their Adam moments and tracker statistics.
+
+    Returns the group sizes as (``lat``'s group, ``partner``'s group).
+    """
+    from fcsae.resample import reset_adam_rows  # the trainer's module; imported late to keep import order simple
+
+    sae = ctx.sae
+    unit_2D = km.centroids_2D / km.centroids_2D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    own = sae.W_dec[lat] / sae.W_dec[lat].norm().clamp_min(1e-12)
+    mine = int((unit_2D @ own).argmax())  # keep the half closest to what the latent already is
+    other = 1 - mine
+    enc_norm = sae.W_enc[:, lat].norm()
+    bias = sae.b_enc[lat].clone()
+    for latent_id, g in ((lat, mine), (partner, other)):
+        sae.W_dec[latent_id] = unit_2D[g].to(sae.W_dec.dtype)
+        sae.W_enc[:, latent_id] = (unit_2D[g] * enc_norm).to(sae.W_enc.dtype)
+        sae.b_enc[latent_id] = bias
+    reset_adam_rows(ctx.optimizer, sae, [lat, partner])
+    ctx.tracker.reset([lat, partner])
+    return km.sizes[mine], km.sizes[other]
