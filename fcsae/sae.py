@@ -45,9 +45,6 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
-# torch warns once that CSR support is "beta"; the one op we use (CSR @ dense) is tested here.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 
 class ForwardOutput(NamedTuple):
     """What one forward pass returns (the contract shared with the tracker and trainer)."""
@@ -114,8 +111,11 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = torch.arange(B, device=xc_BD.device).repeat_interleave(idx_BN.shape[1])
             g_FB = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_g, (n_lat, B), check_invariants=False)
-            # CSR matmul is the fastest sparse-dense product on CPU (measured ~2x COO).
-            grad_W = g_FB.coalesce().to_sparse_csr() @ xc_BD
+            # CSR matmul is the fastest sparse-dense product on CPU (measured ~2x COO); torch
+            # warns that CSR is "beta": the one op used here is checked against the dense reference.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                grad_W = g_FB.coalesce().to_sparse_csr() @ xc_BD
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx_BN, W_encT_FD, per_sample_weights=g_BN, mode="sum")
         return grad_x, grad_W, grad_b, None, None, None
