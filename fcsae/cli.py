@@ -51,6 +51,11 @@ def _add_harvest(sub) -> None:
     p.add_argument("--corpus", default="offline", help="'offline', a local text/parquet/json file, or a datasets hub name")
     p.add_argument("--context-len", type=int, default=128, help="tokens per packed context (default 128)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", help="dtype the model runs in: float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
+    p.add_argument("--shard-tokens", type=int, default=65_536, help="activation vectors per shard file (default 65536)")
+    p.add_argument("--store-dtype", default="float16", help="on-disk dtype: float16 or bfloat16 (default float16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_harvest)
 
 
@@ -59,21 +64,105 @@ def _run_harvest(args) -> int:
     from fcsae.config import HarvestConfig, LMConfig
 
     cfg = HarvestConfig(
-        lm=LMConfig(model=args.model, layer=args.layer, device=args.device),
-        corpus=args.corpus, tokens=args.tokens, context_len=args.context_len,
+        lm=LMConfig(model=args.model, layer=args.layer, device=args.device, dtype=args.dtype),
+        corpus=args.corpus, tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
+        shard_tokens=args.shard_tokens, store_dtype=args.store_dtype,
     )
-    path = activations.harvest(cfg)
-    print(path)
+    path = activations.harvest(cfg, progress=not args.no_progress)
+    print(path)  # the cache directory, for scripts (`fcsae train --cache $(fcsae harvest ...)`)
     return 0
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train one SAE on cached activations")
+    from fcsae.config import DEFAULT_LAYER, DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "train", help="train one SAE on cached activations",
+        description="Train one SAE (relu or topk) on an activation cache: --cache PATH, or --model/--layer "
+        "(harvested first, a cache hit when already there). Settings come from --config YAML (sections sae, "
+        "trainer, split, tracker; keys as in fcsae.config) and the flags below, which override it. Writes "
+        "OUT/sae (safetensors + cfg.json), OUT/events.jsonl, OUT/train.json; resumes from OUT/checkpoint.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cache", default=None, help="activation cache directory (from `fcsae harvest`)")
+    src.add_argument("--model", default=None, help=f"harvest (or reuse) the cache of this model (default {DEFAULT_MODEL})")
+    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help=f"with --model: residual layer (default {DEFAULT_LAYER})")
+    p.add_argument("--harvest-tokens", type=int, default=200_000, help="with --model: activation vectors to harvest")
+    p.add_argument("--config", default=None, help="YAML file with sections sae, trainer, split, tracker")
+    p.add_argument("--dict-size", type=int, default=None, help="number of latents")
+    p.add_argument("--k", type=int, default=None, help="active latents per token (topk)")
+    p.add_argument("--activation", default=None, help="topk or relu")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (trainer.total_tokens)")
+    p.add_argument("--batch-size", type=int, default=None, help="tokens per step")
+    p.add_argument("--seed", type=int, default=None, help="seed for init, data order and resampling")
+    p.add_argument("--device", default=None, help="torch device of the SAE (default cpu)")
+    p.add_argument("--out", default=None, help="output directory (default $FCSAE_HOME/runs/<cache>-<activation>-<dict>)")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint and start afresh")
     p.set_defaults(func=_run_train)
 
 
+def _train_sections(args) -> dict:
+    """The YAML config's sections with the command-line flags applied on top."""
+    import yaml
+
+    sections: dict = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                sections = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise FcsaeInputError(f"--config: cannot read {args.config} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise FcsaeInputError(f"--config: {args.config} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(sections, dict):
+            raise FcsaeInputError(f"--config: {args.config} must be a mapping with sections sae, trainer, split, tracker")
+        unknown = sorted(set(sections) - {"sae", "trainer", "split", "tracker"})
+        if unknown:
+            raise FcsaeInputError(f"--config: unknown section {unknown[0]!r}; allowed: sae, trainer, split, tracker")
+    sections = {name: dict(sections.get(name) or {}) for name in ("sae", "trainer", "split", "tracker")}
+    for section, key, value in (("sae", "dict_size", args.dict_size), ("sae", "k", args.k),
+                                ("sae", "activation", args.activation), ("trainer", "lr", args.lr),
+                                ("trainer", "total_tokens", args.tokens), ("trainer", "batch_size", args.batch_size),
+                                ("trainer", "seed", args.seed), ("trainer", "device", args.device)):
+        if value is not None:
+            sections[section][key] = value
+    return sections
+
+
 def _run_train(args) -> int:
-    raise FcsaeInputError("train: not yet implemented")
+    import json
+
+    from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
+    from fcsae.paths import cache_dir
+
+    s = _train_sections(args)
+    # Check every section before touching the cache (a harvest can take minutes).
+    sae_d = dict(s["sae"])
+    from_dict(SAEConfig, {"d_in": 1, **sae_d}, "sae.")
+    trainer_cfg = from_dict(TrainerConfig, s["trainer"], "trainer.")
+    split_cfg = from_dict(SplitConfig, s["split"], "split.")
+    tracker_cfg = from_dict(TrackerConfig, s["tracker"], "tracker.")
+    from fcsae import activations
+
+    if args.cache:
+        cache_path = args.cache
+    else:
+        from fcsae.config import DEFAULT_MODEL, HarvestConfig, LMConfig
+
+        cache_path = activations.harvest(HarvestConfig(lm=LMConfig(model=args.model or DEFAULT_MODEL, layer=args.layer),
+                                                       tokens=args.harvest_tokens))
+    cache = activations.ActivationCache(cache_path)
+    if "d_in" in sae_d and sae_d["d_in"] != cache.d_in:
+        raise FcsaeInputError(f"sae.d_in: config says {sae_d['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")
+    sae_cfg = from_dict(SAEConfig, {**sae_d, "d_in": cache.d_in}, "sae.")
+    from fcsae.trainer import train_from_cache
+
+    out = args.out or cache_dir("runs") / f"{cache.path.name}-{sae_cfg.activation}-{sae_cfg.dict_size}"
+    result = train_from_cache(cache_path, sae_cfg, trainer_cfg, split_cfg, tracker_cfg, out, resume=not args.no_resume)
+    print(json.dumps({"out": str(result.out_dir), **{k: result.metrics[k] for k in ("step", "fvu", "l0", "dead_frac")
+                                                      if k in result.metrics}}))
+    return 0
 
 
 def _add_eval(sub) -> None:

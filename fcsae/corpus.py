@@ -220,7 +220,8 @@ def _iter_local(path: Path, split: str) -> Iterator[str]:
         raise FcsaeInputError(f"corpus: cannot read {str(path)!r} as {builder}: {type(e).__name__}: {e}".splitlines()[0]) from None
     column = _text_column(ds, str(path))
     for text in ds[column]:
-        if text and text.strip() and is_test(text) == (split == "test"):
+        text = (text or "").strip()  # the text builder keeps each paragraph's trailing newline
+        if text and is_test(text) == (split == "test"):
             yield text
 
 
