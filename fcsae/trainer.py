@@ -91,7 +91,7 @@ class Trainer:
         if tracker_cfg.enabled or split_cfg.criterion in TRACKED_CRITERIA:
             from fcsae.tracker import FrequencyConsistencyTracker  # lazy: optional for plain training
 
-            self.tracker = FrequencyConsistencyTracker(tracker_cfg, n_lat, d_in)
+            self.tracker = FrequencyConsistencyTracker(tracker_cfg, n_lat, d_in, device=self.device)
         self.policy = make_policy(split_cfg, tracker_cfg)
         self.step = 0
         self.tokens_since_fired_F = torch.zeros(n_lat, dtype=torch.long, device=self.device)
