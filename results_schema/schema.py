@@ -51,17 +51,23 @@ CONFIG_SECTIONS: dict[str, type] = {
 
 CORE_METRICS: dict[str, str] = {
     "explained_variance": "Fraction of the input variance the reconstruction explains (1 = perfect).",
-    "mse": "Mean squared reconstruction error per token, on normalised inputs.",
+    "mse": "Mean squared reconstruction error per input dimension, on normalised inputs.",
     "cossim": "Mean cosine similarity between input and reconstruction.",
+    "l2_ratio": "Mean ratio of reconstruction norm to input norm.",
+    "relative_reconstruction_bias": "||x_hat||^2 / <x, x_hat> summed over tokens (1 = no shrinkage).",
     "l0": "Mean number of active latents per token.",
     "l1": "Mean L1 norm of the latent activations per token.",
     "frac_dead": "Fraction of latents that never fired on the eval tokens.",
+    "frac_dense": "Fraction of latents that fired on more than the dense threshold of eval tokens.",
+    "n_tokens": "Eval tokens scored (BOS positions excluded).",
     "ce_loss_clean": "Next-token cross-entropy of the unmodified model on the eval tokens.",
     "ce_loss_sae": "Cross-entropy with the SAE reconstruction spliced in at the hook.",
-    "ce_loss_zero": "Cross-entropy with the hook activations zero-ablated.",
+    "ce_loss_zero_ablation": "Cross-entropy with the hook activations zero-ablated.",
     "ce_loss_score": "(ce_zero - ce_sae) / (ce_zero - ce_clean): 1 = the SAE loses nothing.",
-    "kl_div_sae": "KL divergence of the spliced model's next-token distribution from the clean one.",
-    "kl_div_score": "1 - kl_sae / kl_zero: 1 = the SAE loses nothing.",
+    "kl_div_sae": "KL divergence (top-k coarsened) of the spliced model's next-token distribution from the clean one.",
+    "kl_div_zero_ablation": "The same KL with the hook zero-ablated.",
+    "kl_div_zero_ablation_exact": "Exact (full-vocabulary) KL with the hook zero-ablated.",
+    "kl_div_score": "(kl_zero - kl_sae) / kl_zero: 1 = the SAE loses nothing.",
 }
 """Core metrics: name -> meaning. Columns ``core.<name>``."""
 
@@ -125,7 +131,7 @@ _BOOKKEEPING = [
 
 _TRAINING = [
     Column("tokens_trained", pa.int64(), "Activation vectors the SAE was trained on."),
-    Column("train_seconds", pa.float64(), "Wall time of training (resumed trials: the final attempt plus recorded earlier attempts)."),
+    Column("train_seconds", pa.float64(), "Wall time of training in the final attempt (a resumed trial counts only the time after its resume)."),
     Column("eval_seconds", pa.float64(), "Wall time of the core and absorption evals."),
     Column("n_split_events", pa.int64(), "Number of latent splits during training."),
     Column("n_resample_events", pa.int64(), "Number of dead-latent resamplings during training."),

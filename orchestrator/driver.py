@@ -1,0 +1,337 @@
+"""Run or resume a sweep: Ray Tune ``Tuner`` + seeded ``OptunaSearch`` behind a ``ConcurrencyLimiter``.
+
+Order of work: validate (``orchestrator.space``) -> set up or check the
+experiment directory -> the runner's ``prepare`` once in this process
+(activation cache, eval caches) -> start or join Ray -> ``Tuner.fit`` (or
+``Tuner.restore(...).fit``) -> count the finished trials from the Parquet rows
+-> ``ray.shutdown``.
+
+Experiment layout (all absolute)::
+
+    <exp>/sweep.json       sweep id, the space as given, creation time
+    <exp>/prepared.json    what the runner's prepare returned (cache path, d_in, norm scale)
+    <exp>/results/         one Parquet row per trial (+ per_letter/)
+    <exp>/trials/<id>/     SAE, event log, checkpoint of each trial
+    <exp>/ray/             Ray Tune's experiment state (searcher and trial states)
+    <exp>/ray_pids.json    processes of the local Ray cluster this driver started
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+from ray.tune.search.optuna import OptunaSearch
+
+import fcsae
+from fcsae.errors import FcsaeInputError
+from fcsae.io import write_json
+from orchestrator.space import SweepSpec, suggest
+from orchestrator.trainable import ExperimentPaths, load_runner, record_missing_row, run_trial
+from results_schema import store
+
+log = logging.getLogger(__name__)
+
+MODES = ("new", "resume", "restart")
+
+
+class SweepOutcome(NamedTuple):
+    """What a driver run ended with (counted from the Parquet rows, not from Ray)."""
+
+    experiment: Path
+    sweep_id: str
+    counts: dict[str, int]
+    """Rows per status (``ok``, ``failed``, ``pruned``) and ``total`` trials the space asks for."""
+    complete: bool
+    """Every requested trial has a row."""
+
+
+def default_experiment_dir(spec: SweepSpec, storage: str | None = None) -> Path:
+    """``<storage>/<name>`` (storage default ``./experiments``), absolute."""
+    base = Path(storage) if storage else Path("experiments")
+    return (base / spec.name).expanduser().resolve()
+
+
+def _comparable_space(raw: dict) -> str:
+    """The space without keys that may change on resume (free text, concurrency)."""
+    return json.dumps({k: v for k, v in raw.items() if k not in ("description", "max_concurrent")}, sort_keys=True, default=str)
+
+
+def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]:
+    """Create, check or wipe the experiment dir; returns (sweep_id, resuming).
+
+    An existing experiment needs ``mode='resume'`` (the space must be the same)
+    or ``mode='restart'`` (it is deleted first); a non-empty directory that is
+    not an fcsae experiment is never deleted.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    paths = ExperimentPaths(root)
+    exists = paths.sweep_file.exists()
+    if not exists and root.exists() and any(root.iterdir()):
+        raise FcsaeInputError(f"{root}: exists, is not empty and holds no sweep.json; choose another --experiment-dir")
+    if exists and mode == "new":
+        raise FcsaeInputError(f"{root}: experiment exists; pass --resume to continue it or --restart to start over")
+    if exists and mode == "restart":
+        stop_recorded_ray(root)
+        shutil.rmtree(root)
+        exists = False
+    if exists:
+        meta = json.loads(paths.sweep_file.read_text())
+        if _comparable_space(meta["space"]) != _comparable_space(spec.raw):
+            raise FcsaeInputError(f"{root}: the search space changed since this experiment began; "
+                                  "resume with the same space, or pass --restart (or a new name)")
+        stop_recorded_ray(root)
+        return meta["sweep_id"], True
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_id = f"{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    write_json(paths.sweep_file, {"sweep_id": sweep_id, "name": spec.name, "space": spec.raw,
+                                  "created": dt.datetime.now(dt.timezone.utc).isoformat(), "fcsae_version": fcsae.__version__})
+    return sweep_id, False
+
+
+# ------------------------------------------------------------------ Ray processes
+
+
+def _record_ray_pids(root: Path) -> None:
+    """Remember the local cluster's processes so a later driver can stop them if this one is SIGKILLed."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [{"pid": p.pid, "create_time": p.create_time()} for p in me.children(recursive=True)]
+    write_json(root / "ray_pids.json", {"driver": me.pid, "processes": procs})
+
+
+def stop_recorded_ray(root: Path) -> int:
+    """Stop processes a previous (killed) driver of this experiment started; returns how many were stopped.
+
+    A process is matched by pid *and* creation time, so a recycled pid is never touched.
+    """
+    import psutil
+
+    path = root / "ray_pids.json"
+    if not path.exists():
+        return 0
+    info = json.loads(path.read_text())
+    if psutil.pid_exists(info.get("driver", -1)):
+        raise FcsaeInputError(f"{root}: another driver (pid {info['driver']}) is still running this experiment")
+    stopped = []
+    for rec in info.get("processes", []):
+        try:
+            p = psutil.Process(rec["pid"])
+            if abs(p.create_time() - rec["create_time"]) < 1e-3:
+                p.terminate()
+                stopped.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(stopped, timeout=5)
+    for p in alive:
+        p.kill()
+    if stopped:
+        log.info("stopped %d leftover Ray processes of an earlier driver", len(stopped))
+    path.unlink()
+    return len(stopped)
+
+
+def start_ray(address: str | None, num_cpus: int | None, root: Path) -> bool:
+    """Join a cluster (``address`` or ``RAY_ADDRESS``) or start a local one; returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Trials import the runner by module path: make the driver's working dir importable for them too.
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token to manage
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False)
+    _record_ray_pids(root)
+    return True
+
+
+def check_cluster_resources(spec: SweepSpec) -> None:
+    """Refuse per-trial resources the (joined) cluster cannot give, before any trial starts."""
+    import ray
+
+    have = ray.cluster_resources()
+    problems = []
+    if spec.resources.cpu > have.get("CPU", 0):
+        problems.append(f"resources.cpu: {spec.resources.cpu} per trial but the cluster has {have.get('CPU', 0)} CPUs")
+    if spec.resources.gpu > have.get("GPU", 0):
+        problems.append(f"resources.gpu: {spec.resources.gpu} per trial but the cluster has {have.get('GPU', 0)} GPUs")
+    if problems:
+        raise FcsaeInputError("; ".join(problems))
+
+
+# ------------------------------------------------------------------ Tune pieces
+
+
+class _RowKeeper:
+    """Tune callback: a trial that ended without writing its row (killed worker, scheduler stop) gets one here."""
+
+    def __init__(self, spec: SweepSpec, root: Path, sweep_id: str):
+        self.spec, self.root, self.sweep_id = spec, str(root), sweep_id
+
+    def _record(self, trial, status: str, reason: str) -> None:
+        if record_missing_row(self.spec, self.root, self.sweep_id, trial.trial_id, dict(trial.config), status, reason,
+                              trial.last_result):
+            log.warning("trial %s recorded as %s: %s", trial.trial_id, status, reason)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record(trial, "pruned", "stopped early by the ASHA scheduler")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        err = trial.get_error()
+        reason = str(err).strip().splitlines()[-1] if err else "trial errored (worker died or was killed)"
+        self._record(trial, "failed", reason)
+
+
+def _tune_callback(obj):
+    """Wrap a plain object with on_trial_* methods as a Tune Callback."""
+    from ray.tune import Callback
+
+    class _Wrapped(Callback):
+        def on_trial_complete(self, *a, **k):
+            obj.on_trial_complete(*a, **k)
+
+        def on_trial_error(self, *a, **k):
+            obj.on_trial_error(*a, **k)
+
+    return _Wrapped()
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that skips interim results lacking the objective (ours carry only training metrics)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(m in result for m in metrics):
+            super().on_trial_result(trial_id, result)
+
+
+def _searcher(spec: SweepSpec):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+
+
+    metrics = [o.metric for o in spec.objectives]
+    modes = [o.mode for o in spec.objectives]
+    single = len(metrics) == 1
+    sampler = optuna.samplers.TPESampler(seed=spec.seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = FinalOnlyOptunaSearch(space=functools.partial(suggest, spec=spec), metric=metrics[0] if single else metrics,
+                          mode=modes[0] if single else modes, sampler=sampler, seed=spec.seed)
+    return ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.space import section_configs
+
+    trainer = section_configs(spec.fixed)["trainer"]
+    max_t = max(1, trainer.total_steps // trainer.log_every + 1)  # interim reports per trial (upper bound)
+    s = spec.scheduler
+    return ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=max_t,
+                         grace_period=min(s.grace_period, max_t), reduction_factor=s.reduction_factor)
+
+
+def _trainable(spec: SweepSpec, shared: dict, root: Path, sweep_id: str):
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, spec=spec, shared=shared, root=str(root), sweep_id=sweep_id)
+    return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resuming: bool, fail_fast: bool,
+                callbacks: list):
+    """A new ``Tuner``, or ``Tuner.restore`` of the experiment's Ray state when resuming."""
+    from ray import tune
+
+    paths = ExperimentPaths(root)
+    trainable = _trainable(spec, shared, root, sweep_id)
+    # Read by Tune in this (driver) process: interim reports carry no objective yet, only the final one does.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Each trial checkpoint forces a state snapshot (num_to_keep=1), which is what makes resume exact; don't warn.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resuming and tune.Tuner.can_restore(str(paths.ray)):
+        log.info("restoring Ray Tune state from %s", paths.ray)
+        tuner = tune.Tuner.restore(str(paths.ray), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # restore() unpickles the old RunConfig, callbacks included: give it this driver's live ones.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
+    if resuming and store.trial_files(paths.results):
+        raise FcsaeInputError(f"{root}: results exist but Ray's experiment state is missing; pass --restart")
+    tune_cfg = tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec), num_samples=spec.num_samples,
+                               reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id)
+    run_cfg = tune.RunConfig(
+        name=paths.ray.name, storage_path=str(paths.ray.parent), callbacks=callbacks, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=fail_fast),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
+
+
+def prepare_shared(spec: SweepSpec, root: Path) -> dict:
+    """The runner's ``prepare`` (cache harvest, eval caches), once, in the driver; saved to prepared.json."""
+    shared = load_runner(spec.runner).prepare(spec)
+    write_json(root / "prepared.json", shared)
+    return shared
+
+
+def count_rows(root: Path, num_samples: int) -> dict[str, int]:
+    """Rows per status in the experiment's results, and the ``total`` trials asked for."""
+    done = store.finished_trials(ExperimentPaths(root).results)
+    counts = {s: 0 for s in ("ok", "failed", "pruned")}
+    for status in done.values():
+        counts[status] = counts.get(status, 0) + 1
+    counts["total"] = num_samples
+    return counts
+
+
+def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | None = None, num_cpus: int | None = None,
+              fail_fast: bool = False, live: bool | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep ``spec`` in experiment dir ``root``; returns the counts from the result rows."""
+    import ray
+
+    from orchestrator.progress import SweepProgress
+
+    root = Path(root).resolve()
+    sweep_id, resuming = setup_experiment(spec, root, mode)
+    before = count_rows(root, spec.num_samples)
+    if resuming:
+        log.info("resuming %s: %d of %d trials already have rows", root, sum(before[s] for s in ("ok", "failed", "pruned")),
+                 spec.num_samples)
+    shared = prepare_shared(spec, root)
+    started = start_ray(address, num_cpus, root)
+    progress = SweepProgress(spec, store.finished_trials(ExperimentPaths(root).results), live=live)
+    try:
+        check_cluster_resources(spec)
+        tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast,
+                            callbacks=[_tune_callback(_RowKeeper(spec, root, sweep_id)), progress])
+        tuner.fit()
+    finally:
+        progress.stop()
+        if started:
+            ray.shutdown()
+            (root / "ray_pids.json").unlink(missing_ok=True)
+    counts = count_rows(root, spec.num_samples)
+    n_rows = counts["ok"] + counts["failed"] + counts["pruned"]
+    return SweepOutcome(root, sweep_id, counts, n_rows >= spec.num_samples)
+
+
+def resume_command(space_path: str, root: Path) -> str:
+    """The command that continues this experiment."""
+    return f"{Path(sys.argv[0]).name or 'fcsae-sweep'} --space {space_path} --experiment-dir {root} --resume"

@@ -1,0 +1,468 @@
+"""Search-space YAML -> a validated ``SweepSpec`` -> Optuna suggestions.
+
+The format (every key; see docs/sweeps.md for a worked example)::
+
+    name: quickstart            # required; experiment dir experiments/<name>/
+    description: "..."          # optional free text
+    seed: 0                     # seeds the Optuna sampler (default 0)
+    runner: orchestrator.fcsae_runner   # optional: module with prepare(spec) and run(ctx)
+    fixed:                      # config sections of fcsae.config, fixed for all trials
+      lm: {model: smollm2-135m, layer: 8}
+      harvest: {tokens: 200000}          # the activation cache (lm comes from fixed.lm)
+      sae: {activation: topk, k: 32, dict_size: 1024}   # d_in comes from the cache
+      trainer: {total_tokens: 500000, resample_every: 50}
+      tracker: {}
+      split: {}
+      eval: {core_tokens: 4096, absorption_words: 2000}
+    evals: {core: true, absorption: true}
+    search:                     # dotted config field -> distribution
+      split.criterion: {type: categorical, values: [none, dead, fc], grid: true}
+      tracker.ema_alpha: {type: float, low: 0.9, high: 0.999, log: true}
+      sae.dict_size: {type: int, low: 512, high: 2048, log: true}     # optional step
+    seeds: [0, 1]               # optional: grid over trainer.seed
+    objectives:                 # one (single) or more (multi-objective) metrics
+      - {metric: absorption.mean_absorption_fraction, mode: min}
+    num_samples: 6              # total trials; a multiple of the grid cells
+    max_concurrent: 2           # trials at once
+    resources: {cpu: 1, gpu: 0} # per trial; gpu may be a fraction
+    scheduler: {type: asha, metric: train.mse, mode: min, grace_period: 2, reduction_factor: 2}
+
+Grid axes (categoricals with ``grid: true`` and ``seeds``) are not sampled:
+trial number n gets grid cell ``n mod cells``, so every criterion x seed
+combination gets the same number of trials; Optuna samples the rest.
+
+Validation collects every problem (unknown keys, wrong types, empty or
+inverted ranges, values a config refuses, unknown metrics, resources beyond
+this machine) and raises one ``SpaceError`` listing them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import yaml
+
+from fcsae import config as fcfg
+from fcsae.errors import FcsaeInputError
+from results_schema.schema import ABSORPTION_METRICS, CONFIG_SECTIONS, CORE_METRICS
+
+DEFAULT_RUNNER = "orchestrator.fcsae_runner"
+"""Module that runs a real fcsae trial (harvested cache -> train -> evals)."""
+SEARCHABLE_SECTIONS = ("sae", "trainer", "tracker", "split")
+"""Sections a sweep may vary per trial; lm/harvest/eval are fixed because their caches are built once."""
+TOP_KEYS = {"name", "description", "seed", "runner", "fixed", "evals", "search", "seeds", "objectives",
+            "num_samples", "max_concurrent", "resources", "scheduler"}
+PARAM_TYPES = ("float", "int", "categorical")
+SCHEDULER_TYPES = ("asha",)
+MODES = ("min", "max")
+
+
+class SpaceError(FcsaeInputError):
+    """A search space with one or more problems; ``problems`` lists them all."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the search space"
+        super().__init__(head + "".join(f"\n  - {p}" for p in problems))
+
+
+class ParamSpec(NamedTuple):
+    """One searched parameter: a dotted config field and its distribution."""
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: int | None = None
+    values: tuple = ()
+
+
+class Objective(NamedTuple):
+    """A metric column to optimise and its direction."""
+
+    metric: str
+    mode: str
+
+
+class Resources(NamedTuple):
+    """Resources one trial reserves."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+class SchedulerSpec(NamedTuple):
+    """ASHA early stopping on an interim training metric (reported every ``trainer.log_every`` steps)."""
+
+    type: str
+    metric: str
+    mode: str
+    grace_period: int
+    reduction_factor: float
+
+
+class SweepSpec(NamedTuple):
+    """A fully validated sweep: everything the driver and the trials need."""
+
+    name: str
+    description: str
+    seed: int
+    runner: str
+    fixed: dict[str, dict[str, Any]]
+    evals: dict[str, bool]
+    params: tuple[ParamSpec, ...]
+    grid: tuple[tuple[str, tuple], ...]
+    objectives: tuple[Objective, ...]
+    num_samples: int
+    max_concurrent: int
+    resources: Resources
+    scheduler: SchedulerSpec | None
+    raw: dict[str, Any]
+
+    @property
+    def grid_cells(self) -> list[dict[str, Any]]:
+        """Every combination of grid values (one empty dict when there is no grid)."""
+        names = [n for n, _ in self.grid]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
+
+    @property
+    def searched_names(self) -> list[str]:
+        """Dotted names of all searched and gridded parameters."""
+        return [p.name for p in self.params] + [n for n, _ in self.grid]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _field_names(section: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(CONFIG_SECTIONS[section])}
+
+
+def section_configs(fixed: Mapping[str, Mapping], overrides: Mapping[str, Any] | None = None, d_in: int = 1) -> dict[str, Any]:
+    """Build every trial config from fixed sections plus dotted ``overrides``; raises FcsaeInputError.
+
+    ``harvest.lm`` is ``lm``; ``sae.d_in`` is ``d_in`` (known only once the cache exists).
+    """
+    sections = {s: dict(fixed.get(s) or {}) for s in CONFIG_SECTIONS}
+    for dotted, value in (overrides or {}).items():
+        section, field = dotted.split(".", 1)
+        sections[section][field] = value
+    sections["sae"]["d_in"] = d_in
+    out = {}
+    for section, cls in CONFIG_SECTIONS.items():
+        data = sections[section]
+        if section == "harvest":
+            data = {**data, "lm": sections["lm"]}
+        out[section] = fcfg.from_dict(cls, data, f"{section}.")
+    return out
+
+
+def _check_keys(where: str, data: Mapping, allowed: set[str], problems: list[str]) -> None:
+    for key in sorted(set(data) - allowed, key=str):
+        problems.append(f"{where}{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse_fixed(raw, problems) -> dict[str, dict]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"fixed: must be a mapping of config sections, got {type(raw).__name__}")
+        return {}
+    _check_keys("fixed.", raw, set(CONFIG_SECTIONS), problems)
+    fixed = {}
+    for section in CONFIG_SECTIONS:
+        data = raw.get(section) or {}
+        if not isinstance(data, Mapping):
+            problems.append(f"fixed.{section}: must be a mapping, got {type(data).__name__}")
+            continue
+        allowed = _field_names(section) - {"lm"} - ({"d_in"} if section == "sae" else set())
+        _check_keys(f"fixed.{section}.", data, allowed, problems)
+        fixed[section] = {k: v for k, v in data.items() if k in allowed}
+    try:
+        section_configs(fixed)
+    except FcsaeInputError as e:
+        problems.append(f"fixed.{e}")
+    return fixed
+
+
+def _parse_param(name: str, raw, problems) -> ParamSpec | None:
+    where = f"search.{name}"
+    section, _, field = name.partition(".")
+    if section not in CONFIG_SECTIONS or field not in _field_names(section):
+        problems.append(f"{where}: unknown parameter; use section.field with section in {', '.join(SEARCHABLE_SECTIONS)}")
+        return None
+    if section not in SEARCHABLE_SECTIONS or (section, field) == ("sae", "d_in"):
+        problems.append(f"{where}: cannot be searched (lm, harvest and eval share one cache per sweep; sae.d_in comes from the cache)")
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping with a 'type' ({', '.join(PARAM_TYPES)})")
+        return None
+    kind = raw.get("type")
+    if kind not in PARAM_TYPES:
+        problems.append(f"{where}.type: must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+        return None
+    if kind == "categorical":
+        _check_keys(f"{where}.", raw, {"type", "values", "grid"}, problems)
+        values = raw.get("values")
+        if not isinstance(values, list) or not values:
+            problems.append(f"{where}.values: must be a non-empty list")
+            return None
+        if len(set(map(repr, values))) != len(values):
+            problems.append(f"{where}.values: has duplicates")
+        if not isinstance(raw.get("grid", False), bool):
+            problems.append(f"{where}.grid: must be true or false")
+        return ParamSpec(name, "categorical", values=tuple(values), step=1 if raw.get("grid") is True else None)
+    _check_keys(f"{where}.", raw, {"type", "low", "high", "log"} | ({"step"} if kind == "int" else set()), problems)
+    low, high, log, step = raw.get("low"), raw.get("high"), raw.get("log", False), raw.get("step")
+    ok_type = _is_int if kind == "int" else _is_num
+    bad = False
+    for key, v in (("low", low), ("high", high)):
+        if not ok_type(v):
+            problems.append(f"{where}.{key}: must be {'an integer' if kind == 'int' else 'a finite number'}, got {v!r}")
+            bad = True
+    if not isinstance(log, bool):
+        problems.append(f"{where}.log: must be true or false, got {log!r}")
+        bad = True
+    if step is not None and (not _is_int(step) or step < 1):
+        problems.append(f"{where}.step: must be an integer >= 1, got {step!r}")
+        bad = True
+    if bad:
+        return None
+    if low >= high:
+        problems.append(f"{where}: empty or inverted range low={low} >= high={high}")
+        return None
+    if log and low <= 0:
+        problems.append(f"{where}: log scale needs low > 0, got {low}")
+        return None
+    if log and step not in (None, 1):
+        problems.append(f"{where}: step and log cannot be combined")
+        return None
+    return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _check_param_values(fixed, p: ParamSpec, problems) -> None:
+    """Every categorical value and both range ends must be accepted by the config class."""
+    values = p.values if p.kind == "categorical" else (p.low, p.high)
+    for v in values:
+        try:
+            section_configs(fixed, {p.name: float(v) if p.kind == "float" else v})
+        except FcsaeInputError as e:
+            problems.append(f"search.{p.name}: value {v!r} refused: {e}")
+
+
+def _parse_objectives(raw, evals, problems) -> tuple[Objective, ...]:
+    if raw is None:
+        problems.append("objectives: required: a list of {metric, mode}")
+        return ()
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        problems.append("objectives: must be a non-empty list of {metric, mode}")
+        return ()
+    available = [f"core.{k}" for k in CORE_METRICS if evals["core"]] + [f"absorption.{k}" for k in ABSORPTION_METRICS if evals["absorption"]]
+    out = []
+    for i, obj in enumerate(raw):
+        if not isinstance(obj, Mapping):
+            problems.append(f"objectives[{i}]: must be a mapping with metric and mode")
+            continue
+        _check_keys(f"objectives[{i}].", obj, {"metric", "mode"}, problems)
+        metric, mode = obj.get("metric"), obj.get("mode")
+        if metric not in available:
+            problems.append(f"objectives[{i}].metric: {metric!r} is not a metric of the enabled evals; allowed: {', '.join(available)}")
+        if mode not in MODES:
+            problems.append(f"objectives[{i}].mode: must be min or max, got {mode!r}")
+        out.append(Objective(str(metric), str(mode)))
+    if len({o.metric for o in out}) != len(out):
+        problems.append("objectives: a metric is listed twice")
+    return tuple(out)
+
+
+def _machine_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no usable torch build: no GPUs
+        return 0
+
+
+def _parse_resources(raw, max_concurrent, check_machine, problems) -> Resources:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        problems.append("resources: must be a mapping {cpu, gpu}")
+        return Resources()
+    _check_keys("resources.", raw, {"cpu", "gpu"}, problems)
+    cpu, gpu = raw.get("cpu", 1), raw.get("gpu", 0)
+    if not _is_num(cpu) or cpu <= 0:
+        problems.append(f"resources.cpu: must be a number > 0, got {cpu!r}")
+        cpu = 1
+    if not _is_num(gpu) or gpu < 0:
+        problems.append(f"resources.gpu: must be a number >= 0, got {gpu!r}")
+        gpu = 0
+    if gpu > 1 and not float(gpu).is_integer():
+        problems.append(f"resources.gpu: above 1 must be a whole number of GPUs, got {gpu}")
+    if check_machine:
+        cpus, gpus = os.cpu_count() or 1, _machine_gpus()
+        if cpu > cpus:
+            problems.append(f"resources.cpu: {cpu} per trial but this machine has {cpus} CPUs")
+        if gpu > gpus:
+            problems.append(f"resources.gpu: {gpu} per trial but this machine has {gpus} GPUs")
+    return Resources(float(cpu), float(gpu))
+
+
+def _parse_scheduler(raw, problems) -> SchedulerSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append("scheduler: must be a mapping with type: asha")
+        return None
+    _check_keys("scheduler.", raw, {"type", "metric", "mode", "grace_period", "reduction_factor"}, problems)
+    kind, metric, mode = raw.get("type"), raw.get("metric"), raw.get("mode", "min")
+    grace, factor = raw.get("grace_period", 1), raw.get("reduction_factor", 2)
+    n = len(problems)
+    if kind not in SCHEDULER_TYPES:
+        problems.append(f"scheduler.type: must be one of {', '.join(SCHEDULER_TYPES)}, got {kind!r}")
+    if not isinstance(metric, str) or not re.fullmatch(r"train\.[A-Za-z0-9_]+", metric):
+        problems.append(f"scheduler.metric: must name an interim training metric 'train.<name>', got {metric!r}")
+    if mode not in MODES:
+        problems.append(f"scheduler.mode: must be min or max, got {mode!r}")
+    if not _is_int(grace) or grace < 1:
+        problems.append(f"scheduler.grace_period: must be an integer >= 1 (interim reports), got {grace!r}")
+    if not _is_num(factor) or factor <= 1:
+        problems.append(f"scheduler.reduction_factor: must be a number > 1, got {factor!r}")
+    return None if len(problems) > n else SchedulerSpec(kind, metric, mode, grace, float(factor))
+
+
+def _positive_int(raw, key, default, problems) -> int:
+    v = raw.get(key, default)
+    if not _is_int(v) or v < 1:
+        problems.append(f"{key}: must be an integer >= 1, got {v!r}")
+        return default
+    return v
+
+
+def _check_runner(runner, problems) -> None:
+    if not isinstance(runner, str) or not runner:
+        problems.append(f"runner: must be a module path, got {runner!r}")
+        return
+    try:
+        mod = importlib.import_module(runner)
+    except Exception as e:  # any import failure is the user's runner path
+        problems.append(f"runner: cannot import {runner!r} ({type(e).__name__}: {e})")
+        return
+    for fn in ("prepare", "run"):
+        if not callable(getattr(mod, fn, None)):
+            problems.append(f"runner: module {runner!r} has no function {fn}()")
+
+
+def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -> SweepSpec:
+    """Validate a loaded YAML mapping completely; raise ``SpaceError`` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise SpaceError(source, [f"top level: must be a mapping, got {type(raw).__name__}"])
+    _check_keys("", raw, TOP_KEYS, problems)
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        problems.append(f"name: required, letters/digits/_.- only, got {name!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.append("description: must be a string")
+    seed = raw.get("seed", 0)
+    if not _is_int(seed) or seed < 0:
+        problems.append(f"seed: must be an integer >= 0, got {seed!r}")
+    runner = raw.get("runner", DEFAULT_RUNNER)
+    _check_runner(runner, problems)
+    fixed = _parse_fixed(raw.get("fixed"), problems)
+
+    evals_raw = raw.get("evals") or {}
+    evals = {"core": True, "absorption": True}
+    if not isinstance(evals_raw, Mapping):
+        problems.append("evals: must be a mapping {core: bool, absorption: bool}")
+    else:
+        _check_keys("evals.", evals_raw, set(evals), problems)
+        for k in evals:
+            v = evals_raw.get(k, True)
+            if not isinstance(v, bool):
+                problems.append(f"evals.{k}: must be true or false, got {v!r}")
+            else:
+                evals[k] = v
+
+    search_raw = raw.get("search") or {}
+    params, grid = [], []
+    if not isinstance(search_raw, Mapping):
+        problems.append("search: must be a mapping of dotted config fields to distributions")
+        search_raw = {}
+    for pname, praw in search_raw.items():
+        p = _parse_param(str(pname), praw, problems)
+        if p is None:
+            continue
+        _check_param_values(fixed, p, problems)
+        if p.kind == "categorical" and p.step == 1:
+            grid.append((p.name, p.values))
+        else:
+            params.append(p)
+    seeds = raw.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            problems.append(f"seeds: must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+        elif "trainer.seed" in search_raw:
+            problems.append("seeds: conflicts with search.trainer.seed; use one of them")
+        else:
+            grid.append(("trainer.seed", tuple(seeds)))
+
+    objectives = _parse_objectives(raw.get("objectives"), evals, problems)
+    num_samples = _positive_int(raw, "num_samples", 1, problems)
+    cells = math.prod(len(v) for _, v in grid) if grid else 1
+    if num_samples % cells:
+        problems.append(f"num_samples: {num_samples} is not a multiple of the {cells} grid cells "
+                        f"({' x '.join(n for n, _ in grid)}); every cell must get the same budget")
+    max_concurrent = _positive_int(raw, "max_concurrent", 1, problems)
+    resources = _parse_resources(raw.get("resources"), max_concurrent, check_machine, problems)
+    scheduler = _parse_scheduler(raw.get("scheduler"), problems)
+    if scheduler is not None and len(objectives) > 1:
+        problems.append("scheduler: ASHA cannot be combined with several objectives")
+    if problems:
+        raise SpaceError(source, problems)
+    return SweepSpec(name, description, seed, runner, fixed, evals, tuple(params), tuple(grid), objectives,
+                     num_samples, max_concurrent, resources, scheduler, dict(raw))
+
+
+def load_space(path: str | Path, check_machine: bool = True) -> SweepSpec:
+    """Read and validate a search-space YAML file (``yaml.safe_load`` only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FcsaeInputError(f"{path}: search space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FcsaeInputError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    return parse_space(raw, str(path), check_machine=check_machine)
+
+
+def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
+    """Define-by-run space for Optuna: sample the searched params, take the grid cell by trial number.
+
+    Returns the grid values as constants (Ray's OptunaSearch merges them into the config).
+    """
+    for p in spec.params:
+        if p.kind == "float":
+            trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
+        elif p.kind == "int":
+            trial.suggest_int(p.name, p.low, p.high, step=p.step or 1, log=p.log)
+        else:
+            trial.suggest_categorical(p.name, list(p.values))
+    cells = spec.grid_cells
+    return dict(cells[trial.number % len(cells)])

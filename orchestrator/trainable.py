@@ -1,0 +1,241 @@
+"""One Ray Tune trial: params -> runner (train + evals) -> one result row -> final report.
+
+The trial's work is done by a *runner* module (``spec.runner``; the real one is
+``orchestrator.fcsae_runner``) with two functions:
+
+- ``prepare(spec) -> dict``: runs once in the driver before any trial (harvest
+  the activation cache, warm the eval caches); returns JSON-able shared info.
+- ``run(ctx: TrialContext) -> TrialOutcome``: trains and evaluates one trial,
+  calling ``ctx.report`` with interim metrics; must resume from
+  ``ctx.trial_dir`` when a checkpoint is there.
+
+This module wraps a runner for Tune: it writes the trial's row *before* the
+final ``tune.report`` (code after the last report may never run under a
+scheduler), turns exceptions into ``failed`` rows, and makes a re-run of a
+trial that already has a row a no-op (so a resumed sweep never runs a finished
+trial twice nor duplicates its row).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import math
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import polars as pl
+
+import fcsae
+from orchestrator.space import SweepSpec, section_configs
+from results_schema import store
+from results_schema.schema import TRIAL_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+class ExperimentPaths(NamedTuple):
+    """Absolute locations of one experiment's parts."""
+
+    root: Path
+
+    @property
+    def results(self) -> Path:
+        """One Parquet row per trial (``results_schema.store`` layout)."""
+        return self.root / "results"
+
+    @property
+    def trials(self) -> Path:
+        """Per-trial artefacts: ``trials/<trial_id>/``."""
+        return self.root / "trials"
+
+    @property
+    def ray(self) -> Path:
+        """Ray Tune's experiment state (``storage_path=root``, ``name='ray'``)."""
+        return self.root / "ray"
+
+    @property
+    def sweep_file(self) -> Path:
+        """sweep.json: sweep id, space and creation time."""
+        return self.root / "sweep.json"
+
+
+class TrialContext(NamedTuple):
+    """Everything a runner's ``run`` gets."""
+
+    spec: SweepSpec
+    shared: dict[str, Any]
+    trial_id: str
+    params: dict[str, Any]
+    trial_dir: Path
+    report: Callable[[dict[str, float], bool], None]
+    """``report(metrics, checkpoint)``: interim training metrics (keys without prefix); checkpoint=True after the
+    runner saved a resumable checkpoint in ``trial_dir``."""
+
+
+class TrialOutcome(NamedTuple):
+    """What a runner's ``run`` returns."""
+
+    metrics: dict[str, float]
+    """Eval metrics by column name (``core.<name>``, ``absorption.<name>``)."""
+    per_letter: pl.DataFrame | None
+    configs: dict[str, Any]
+    """Section -> the config dataclass actually used (fills the ``section.field`` columns)."""
+    tokens_trained: int
+    train_seconds: float
+    eval_seconds: float
+    n_split_events: int
+    n_resample_events: int
+    final_loss: float | None = None
+    sae_path: str | None = None
+    events_path: str | None = None
+
+
+class TrialFailed(RuntimeError):
+    """Raised after a failed trial's row is written, so Tune and Optuna mark the trial failed."""
+
+
+def load_runner(name: str):
+    """Import a runner module (has ``prepare`` and ``run``)."""
+    return importlib.import_module(name)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def config_row(configs: dict[str, Any]) -> dict[str, Any]:
+    """``section.field`` -> value for every scalar config field that has a column."""
+    names = set(TRIAL_SCHEMA.names)
+    row = {}
+    for section, cfg in configs.items():
+        for key, value in vars(cfg).items():
+            col = f"{section}.{key}"
+            if col in names:
+                row[col] = value
+    return row
+
+
+def base_row(spec: SweepSpec, sweep_id: str, trial_id: str, params: dict, trial_dir: Path, started: dt.datetime) -> dict:
+    """The bookkeeping and config columns every row has, whatever the outcome."""
+    row = {"fcsae_version": fcsae.__version__, "sweep_id": sweep_id, "sweep_name": spec.name, "trial_id": trial_id,
+           "searched_params": spec.searched_names, "trial_dir": str(trial_dir), "hostname": socket.gethostname(),
+           "started_at": started, "finished_at": _now()}
+    try:  # configs as the trial would have built them (d_in unknown here: keep the cache's if given)
+        row.update(config_row(section_configs(spec.fixed, params, d_in=1)))
+        row.pop("sae.d_in", None)
+    except Exception:  # a failed trial's row must still be written
+        log.debug("could not rebuild configs for %s", trial_id, exc_info=True)
+    return row
+
+
+def outcome_row(spec: SweepSpec, outcome: TrialOutcome) -> dict[str, Any]:
+    """Columns filled from a successful runner outcome; unknown metrics go to ``extra_metrics_json``."""
+    names = set(TRIAL_SCHEMA.names)
+    row = config_row(outcome.configs)
+    extra = {}
+    for key, value in outcome.metrics.items():
+        if key in names:
+            row[key] = None if value is None else float(value)
+        else:
+            extra[key] = value
+    obj = spec.objectives[0].metric
+    row.update(status="ok", objective=row.get(obj), tokens_trained=int(outcome.tokens_trained),
+               train_seconds=float(outcome.train_seconds), eval_seconds=float(outcome.eval_seconds),
+               n_split_events=int(outcome.n_split_events), n_resample_events=int(outcome.n_resample_events),
+               final_loss=outcome.final_loss, sae_path=outcome.sae_path, events_path=outcome.events_path,
+               extra_metrics_json=json.dumps(extra, sort_keys=True, default=float) if extra else None)
+    return row
+
+
+def final_report(row: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """The last metrics sent to Tune: the objectives (Optuna reads them) and the status."""
+    out = {"fcsae_status": row["status"]}
+    for o in spec.objectives:
+        value = row.get(o.metric)
+        if value is not None and math.isfinite(value):
+            out[o.metric] = value
+    return out
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming the exception type and its first message line."""
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()[:500]
+
+
+def _reporter(tune, trial_dir: Path) -> Callable[[dict[str, float], bool], None]:
+    """Interim reports to Tune; a checkpoint is a small marker, the real state lives in ``trial_dir``."""
+    def report(metrics: dict[str, float], checkpoint: bool = False) -> None:
+        out = {f"train.{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if not checkpoint:
+            tune.report(out)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "fcsae_checkpoint.json").write_text(json.dumps({"trial_dir": str(trial_dir), **out}))
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
+    return report
+
+
+def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], root: str, sweep_id: str) -> None:
+    """The Tune function trainable: run one trial and write its row, then report the objectives."""
+    from ray import tune
+
+    paths = ExperimentPaths(Path(root))
+    trial_id = tune.get_context().get_trial_id()
+    params = dict(config)
+    existing = store.read_trial(paths.results, trial_id)
+    if existing is not None:
+        # Finished before an interruption: never train it twice; tell Tune the recorded outcome.
+        log.info("trial %s already has a %s row; not re-running", trial_id, existing["status"])
+        if existing["status"] == "failed":
+            raise TrialFailed(f"recorded failure: {existing['failure_reason']}")
+        tune.report(final_report(existing, spec))
+        return
+    trial_dir = paths.trials / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True, default=str))
+    started = _now()
+    row = base_row(spec, sweep_id, trial_id, params, trial_dir, started)
+    ctx = TrialContext(spec, shared, trial_id, params, trial_dir, _reporter(tune, trial_dir))
+    try:
+        outcome = load_runner(spec.runner).run(ctx)
+        row.update(outcome_row(spec, outcome))
+        per_letter = outcome.per_letter
+    except Exception as e:  # failure isolation: record and let the sweep go on
+        log.exception("trial %s failed", trial_id)
+        row.update(status="failed", failure_reason=failure_reason(e))
+        row["finished_at"] = _now()
+        store.write_trial(paths.results, row)
+        raise TrialFailed(row["failure_reason"]) from e
+    row["finished_at"] = _now()
+    store.write_trial(paths.results, row, per_letter=per_letter)
+    tune.report(final_report(row, spec))
+
+
+def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str, params: dict, status: str, reason: str,
+                       last_result: dict | None = None) -> bool:
+    """Driver side: write a ``failed``/``pruned`` row for a trial that ended without writing one (killed, stopped).
+
+    Returns True if a row was written (False when the trial already has one).
+    """
+    paths = ExperimentPaths(Path(root))
+    if store.read_trial(paths.results, trial_id) is not None:
+        return False
+    row = base_row(spec, sweep_id, trial_id, params, paths.trials / trial_id, _now())
+    row.update(status=status, failure_reason=reason[:500])
+    if last_result:
+        loss = last_result.get("train.loss")
+        row["final_loss"] = float(loss) if isinstance(loss, (int, float)) else None
+    store.write_trial(paths.results, row)
+    return True
+
+
+def now_seconds() -> float:
+    """Monotonic seconds (runners time their phases with this)."""
+    return time.perf_counter()

@@ -1,0 +1,69 @@
+"""A fast stand-in runner for orchestrator tests: no language model, no cache.
+
+It walks ``trainer.total_steps`` steps, sleeping ``FCSAE_FAKE_STEP_S`` seconds per step, checkpointing its step
+to ``trial_dir/fake_ckpt.json`` (so an interrupted trial continues), and
+returns metrics that are a deterministic function of the params. Behaviour is
+steered by environment variables (Ray workers inherit the driver's env):
+
+- ``FCSAE_FAKE_STEP_S``: seconds per step (default 0.01);
+- ``FCSAE_FAKE_FAIL``: a ``split.criterion`` value whose trials raise;
+- every completed run appends its trial id to ``<experiment>/fake_completions.log``
+  and every start to ``fake_starts.log`` (so tests can check nothing ran twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import polars as pl
+
+from orchestrator.space import section_configs
+from orchestrator.trainable import TrialOutcome
+
+
+def prepare(spec) -> dict:
+    """Nothing to harvest: a fixed d_in."""
+    return {"d_in": 8, "norm_scale": 1.0, "prepared_at": time.time()}
+
+
+def _append(path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def run(ctx) -> TrialOutcome:
+    """Walk the steps with interim reports and resumable checkpoints; fail on the configured criterion."""
+    cfgs = section_configs(ctx.spec.fixed, ctx.params, d_in=ctx.shared["d_in"])
+    exp = ctx.trial_dir.parent.parent
+    _append(exp / "fake_starts.log", ctx.trial_id)
+    ckpt = ctx.trial_dir / "fake_ckpt.json"
+    step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
+    total = cfgs["trainer"].total_steps
+    step_s = float(os.environ.get("FCSAE_FAKE_STEP_S", "0.01"))
+    t0 = time.perf_counter()
+    if cfgs["split"].criterion == os.environ.get("FCSAE_FAKE_FAIL"):
+        raise FloatingPointError(f"loss diverged at step {step} (fake)")
+    while step < total:
+        time.sleep(step_s)
+        step += 1
+        loss = 1.0 / step
+        if step % 2 == 0 or step == total:  # checkpoint every other step, like checkpoint_every
+            tmp = ckpt.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step}))
+            os.replace(tmp, ckpt)
+        ctx.report({"loss": loss, "fvu": loss, "step": step}, step % 2 == 0 or step == total)
+    alpha = cfgs["tracker"].ema_alpha
+    seed = cfgs["trainer"].seed
+    crit = cfgs["split"].criterion
+    absorption = 0.2 + 0.1 * alpha + 0.01 * seed - (0.05 if crit == "fc" else 0.0)
+    metrics = {"core.explained_variance": 0.9 - 0.001 * cfgs["sae"].dict_size / 64, "core.l0": float(cfgs["sae"].k),
+               "absorption.mean_absorption_fraction": absorption, "absorption.mean_full_absorption": absorption / 2,
+               "absorption.not_in_schema": 1.5}
+    per_letter = pl.DataFrame({"letter": ["a", "b"], "absorption_fraction": [absorption, absorption],
+                               "probe_f1": [0.9, 0.8]})
+    _append(exp / "fake_completions.log", ctx.trial_id)
+    return TrialOutcome(metrics=metrics, per_letter=per_letter, configs=cfgs, tokens_trained=total * cfgs["trainer"].batch_size,
+                        train_seconds=time.perf_counter() - t0, eval_seconds=0.0, n_split_events=1 if crit == "fc" else 0,
+                        n_resample_events=1 if crit == "dead" else 0, final_loss=1.0 / max(step, 1))

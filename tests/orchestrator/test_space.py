@@ -1,0 +1,183 @@
+"""Search-space validation: every kind of bad input is reported, all at once, before Ray starts."""
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fcsae.errors import FcsaeInputError
+from orchestrator import space
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = {
+    "name": "t",
+    "runner": "tests.orchestrator.fake_runner",
+    "fixed": {"sae": {"activation": "topk", "k": 4, "dict_size": 32}, "trainer": {"total_tokens": 4096, "batch_size": 256}},
+    "search": {
+        "split.criterion": {"type": "categorical", "values": ["none", "fc"], "grid": True},
+        "tracker.ema_alpha": {"type": "float", "low": 0.9, "high": 0.999, "log": True},
+        "sae.dict_size": {"type": "int", "low": 16, "high": 64},
+        "tracker.tau_act": {"type": "float", "low": 0.0, "high": 0.5},
+    },
+    "seeds": [0, 1],
+    "objectives": [{"metric": "absorption.mean_absorption_fraction", "mode": "min"}],
+    "num_samples": 4,
+    "max_concurrent": 2,
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+def _problems(mutate) -> list[str]:
+    raw = copy.deepcopy(GOOD)
+    mutate(raw)
+    with pytest.raises(space.SpaceError) as e:
+        space.parse_space(raw, "s.yaml")
+    assert isinstance(e.value, FcsaeInputError)
+    return e.value.problems
+
+
+def test_good_space_parses():
+    spec = space.parse_space(copy.deepcopy(GOOD))
+    assert [p.name for p in spec.params] == ["tracker.ema_alpha", "sae.dict_size", "tracker.tau_act"]
+    assert spec.grid == (("split.criterion", ("none", "fc")), ("trainer.seed", (0, 1)))
+    assert len(spec.grid_cells) == 4
+    assert spec.objectives[0].mode == "min"
+
+
+def test_shipped_spaces_validate():
+    for name in ("quickstart.yaml", "absorption.yaml"):
+        spec = space.load_space(REPO / "search_spaces" / name)
+        criteria = dict(spec.grid).get("split.criterion") or next(p.values for p in spec.params if p.name == "split.criterion")
+        assert "fc" in criteria and ({"none", "dead"} & set(criteria))
+
+
+def test_unknown_keys_everywhere_listed_together():
+    def m(raw):
+        raw["bogus"] = 1
+        raw["fixed"]["sae"]["colour"] = "red"
+        raw["fixed"]["nosection"] = {}
+        raw["search"]["tracker.nope"] = {"type": "float", "low": 0, "high": 1}
+        raw["search"]["tracker.ema_alpha"]["extra"] = 1
+        raw["resources"]["tpu"] = 1
+    probs = _problems(m)
+    assert len(probs) == 6, probs
+    joined = "\n".join(probs)
+    for needle in ("bogus", "fixed.sae.colour", "fixed.nosection", "search.tracker.nope", "extra", "resources.tpu"):
+        assert needle in joined
+
+
+def test_wrong_types():
+    def m(raw):
+        raw["num_samples"] = "four"
+        raw["max_concurrent"] = 1.5
+        raw["search"]["sae.dict_size"]["low"] = 16.5
+        raw["search"]["tracker.ema_alpha"]["log"] = "yes"
+        raw["fixed"]["trainer"]["batch_size"] = "big"
+    probs = _problems(m)
+    assert any(p.startswith("num_samples") for p in probs)
+    assert any(p.startswith("max_concurrent") for p in probs)
+    assert any("sae.dict_size.low: must be an integer" in p for p in probs)
+    assert any("log: must be true or false" in p for p in probs)
+    assert any("batch_size" in p for p in probs)
+
+
+def test_empty_inverted_and_refused_ranges():
+    def m(raw):
+        raw["search"]["tracker.ema_alpha"] = {"type": "float", "low": 0.99, "high": 0.9}
+        raw["search"]["sae.dict_size"] = {"type": "int", "low": 8, "high": 8}
+        raw["search"]["tracker.tau_act"] = {"type": "float", "low": -1.0, "high": 0.5}
+        raw["search"]["trainer.lr"] = {"type": "float", "low": 0.0, "high": 1e-3, "log": True}
+    probs = _problems(m)
+    assert any("ema_alpha: empty or inverted" in p for p in probs)
+    assert any("dict_size: empty or inverted" in p for p in probs)
+    assert any("tau_act: value -1.0 refused" in p for p in probs)
+    assert any("trainer.lr: log scale needs low > 0" in p for p in probs)
+
+
+def test_range_end_refused_by_config_and_k_vs_dict_size():
+    def m(raw):
+        raw["search"]["tracker.ema_alpha"] = {"type": "float", "low": 0.9, "high": 1.0}
+        raw["search"]["sae.dict_size"] = {"type": "int", "low": 2, "high": 64}  # k=4 > 2
+    probs = _problems(m)
+    assert any("ema_alpha: value 1.0 refused" in p and "(0, 1)" in p for p in probs)
+    assert any("dict_size: value 2 refused" in p for p in probs)
+
+
+def test_unknown_choices_objectives_and_scheduler():
+    def m(raw):
+        raw["search"]["split.criterion"]["values"] = ["none", "magic"]
+        raw["objectives"] = [{"metric": "absorption.nope", "mode": "down"}]
+        raw["scheduler"] = {"type": "hyperband", "metric": "mse"}
+    probs = _problems(m)
+    assert any("value 'magic' refused" in p and "fc" in p for p in probs)
+    assert any("objectives[0].metric" in p for p in probs)
+    assert any("objectives[0].mode" in p for p in probs)
+    assert any("scheduler.type" in p for p in probs)
+    assert any("scheduler.metric" in p for p in probs)
+
+
+def test_objective_of_disabled_eval_refused():
+    probs = _problems(lambda raw: raw.update(evals={"absorption": False}))
+    assert any("not a metric of the enabled evals" in p for p in probs)
+
+
+def test_fixed_sections_that_cannot_be_searched():
+    def m(raw):
+        raw["search"]["lm.layer"] = {"type": "int", "low": 1, "high": 3}
+        raw["search"]["sae.d_in"] = {"type": "int", "low": 1, "high": 3}
+    probs = _problems(m)
+    assert sum("cannot be searched" in p for p in probs) == 2
+
+
+def test_resources_beyond_machine():
+    def m(raw):
+        raw["resources"] = {"cpu": 10_000, "gpu": 3}
+    probs = _problems(m)
+    assert any("resources.cpu: 10000 per trial" in p for p in probs)
+    assert any("resources.gpu: 3 per trial" in p for p in probs)
+    spec = space.parse_space({**copy.deepcopy(GOOD), "resources": {"cpu": 10_000}}, check_machine=False)
+    assert spec.resources.cpu == 10_000
+
+
+def test_grid_budget_and_seeds():
+    assert any("not a multiple of the 4 grid cells" in p for p in _problems(lambda r: r.update(num_samples=6)))
+    assert any(p.startswith("seeds:") for p in _problems(lambda r: r.update(seeds=[0, 0])))
+    def conflict(raw):
+        raw["search"]["trainer.seed"] = {"type": "int", "low": 0, "high": 3}
+    assert any("conflicts" in p for p in _problems(conflict))
+
+
+def test_bad_runner_and_missing_objectives():
+    def m(raw):
+        raw["runner"] = "no.such.module"
+        del raw["objectives"]
+    probs = _problems(m)
+    assert any(p.startswith("runner: cannot import") for p in probs)
+    assert any(p.startswith("objectives: required") for p in probs)
+
+
+def test_load_space_file_errors(tmp_path):
+    with pytest.raises(FcsaeInputError, match="not found"):
+        space.load_space(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(FcsaeInputError, match="not valid YAML"):
+        space.load_space(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(space.SpaceError, match="top level"):
+        space.load_space(bad)
+
+
+def test_suggest_samples_in_range_and_cycles_grid():
+    spec = space.parse_space(copy.deepcopy(GOOD))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cells = []
+    for _ in range(8):
+        t = study.ask()
+        const = space.suggest(t, spec)
+        assert 0.9 <= t.params["tracker.ema_alpha"] <= 0.999
+        assert 16 <= t.params["sae.dict_size"] <= 64
+        cells.append((const["split.criterion"], const["trainer.seed"]))
+    assert cells[:4] == cells[4:] and len(set(cells)) == 4
