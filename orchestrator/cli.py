@@ -5,13 +5,106 @@ Ray is imported lazily by the driver, so ``--help`` and validation errors are fa
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
+from pathlib import Path
+
+from fcsae.errors import FcsaeInputError
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """The ``fcsae-sweep`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="fcsae-sweep",
+        description="Run a sweep of fcsae trials (Ray Tune + Optuna) from a search-space YAML; results land as one "
+        "Parquet row per trial in <experiment>/results/. See docs/sweeps.md.",
+    )
+    p.add_argument("--space", required=True, help="search-space YAML (see docs/sweeps.md)")
+    p.add_argument("--experiment-dir", default=None, help="experiment directory (default: <storage>/<space name>)")
+    p.add_argument("--storage", default=None,
+                   help="root for experiments (default ./experiments); on a cluster, storage every node sees")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a private local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an existing experiment")
+    g.add_argument("--restart", action="store_true", help="delete an existing experiment and start over")
+    p.add_argument("--fail-fast", action="store_true", help="stop the whole sweep at the first failed trial (debugging)")
+    p.add_argument("--no-live", action="store_true", help="log one line per finished trial instead of a live table")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _choose_mode(args, root: Path) -> str:
+    from orchestrator.trainable import ExperimentPaths
+
+    if args.resume:
+        return "resume"
+    if args.restart:
+        return "restart"
+    if not ExperimentPaths(root).sweep_file.exists():
+        return "new"
+    if not sys.stdin.isatty():
+        raise FcsaeInputError(f"{root}: experiment exists; pass --resume to continue it or --restart to start over")
+    answer = input(f"{root} exists. [r]esume, [s]tart over, or [a]bort? ").strip().lower()
+    if answer.startswith("r"):
+        return "resume"
+    if answer.startswith("s"):
+        return "restart"
+    raise KeyboardInterrupt
+
+
+def _print_summary(spec, root: Path) -> None:
+    import polars as pl
+
+    from orchestrator.progress import summary_table
+    from orchestrator.trainable import ExperimentPaths
+    from results_schema.store import scan_results
+
+    rows = scan_results(ExperimentPaths(root).results).collect()
+    with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=200, float_precision=4, tbl_hide_dataframe_shape=True):
+        print(summary_table(rows, spec))
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    """``fcsae-sweep --space FILE``: run (or resume) a sweep."""
-    print("fcsae-sweep: not yet implemented", file=sys.stderr)
-    return 2
+    """``fcsae-sweep --space FILE``: run (or resume) a sweep; bad input prints one message and exits 2."""
+    args = build_sweep_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = None
+    try:
+        from orchestrator import driver, space
+
+        if args.num_cpus is not None and args.num_cpus < 1:
+            raise FcsaeInputError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
+        if args.address and args.num_cpus:
+            raise FcsaeInputError("--num-cpus: only for a local cluster, not with --address")
+        joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        spec = space.load_space(args.space, check_machine=not joining)
+        root = Path(args.experiment_dir).expanduser().resolve() if args.experiment_dir else driver.default_experiment_dir(spec, args.storage)
+        mode = _choose_mode(args, root)
+        outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
+                                   fail_fast=args.fail_fast, live=False if args.no_live else None)
+    except FcsaeInputError as e:
+        print(f"fcsae-sweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fcsae-sweep: interrupted", file=sys.stderr)
+        if root is not None:
+            print(f"resume with: fcsae-sweep --space {args.space} --experiment-dir {root} --resume", file=sys.stderr)
+        return 130
+    c = outcome.counts
+    print(f"sweep {outcome.sweep_id}: {c['ok']} ok, {c['failed']} failed, {c['pruned']} pruned of {c['total']} trials; "
+          f"results in {root / 'results'}")
+    if c["ok"] + c["failed"] + c["pruned"]:
+        _print_summary(spec, root)
+    if args.fail_fast and c["failed"]:
+        return 1
+    if not outcome.complete:
+        print(f"sweep incomplete; resume with: fcsae-sweep --space {args.space} --experiment-dir {root} --resume",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def report_main(argv: list[str] | None = None) -> int:
