@@ -11,6 +11,15 @@ from fcsae.sae import SparseAutoencoder
 D, FN, K = 8, 32, 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on the shared 2-core machine (10-50x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _trained_sae_and_adam(activation="topk"):
     """An SAE whose Adam state is non-zero everywhere (a few steps on random data)."""
     sae = SparseAutoencoder(SAEConfig(d_in=D, dict_size=FN, activation=activation, k=K), seed=0)
