@@ -1,0 +1,290 @@
+"""First-letter feature-absorption eval, after SAEBench's current (v0.6) absorption eval.
+
+Per (model, layer, eval config), cached once (``prepare_absorption_cache``):
+words, activations at the word position and a 26-way one-vs-rest logistic
+probe (``fcsae.evals.probe``). Per SAE (``evaluate_absorption``):
+
+1. Encode the cached activations (x ``norm_scale``, the SAE's input space).
+2. Letters are kept where the probe's test F1 > ``probe_f1_min``.
+3. k-sparse probing: an L1-regularised logistic probe on all latents ranks
+   them per letter; for k = 1..``max_k`` a logistic probe on that letter's
+   top-k latents is fitted and scored (test F1). The letter's main latents are
+   the top-k at the last k whose F1 beat the previous best by more than
+   ``f1_jump``; their count is the number of split features.
+4. For every test word of a kept letter that the probe classifies correctly
+   (probe true positives), with p the unit probe direction:
+   a latent's projection is ``a_i * (W_dec_i . p)`` (SAEBench writes
+   ``a_i * cos(W_dec_i, p)``; the same for unit-norm decoder rows, which
+   fcsae's SAEs keep), the word's projection is ``x . p``.
+   - absorption fraction: 0 if the main latents' projection reaches the
+     word's, or if the (up to 3) largest positive projections of non-main
+     latents with cos >= 0.1 to p make up less than 40% of it; 1 if the main
+     latents' projection is <= 0; otherwise absorbed / (absorbed + main),
+     absorbed = min(those latents' projection, word - main).
+   - full absorption: no main latent fires, the top-projecting latent has
+     cos >= 0.025 to p, the word's projection is >= 0 and that latent carries
+     at least 40% of it.
+   Per letter: mean absorption fraction and full-absorption rate over the
+   probe true positives; the summary averages them over kept letters.
+
+Differences from SAEBench, all documented in docs/evals.md: the probe is
+sklearn's logistic regression (SAEBench trains its own in torch); the
+absorption words are the probe's test words with their cached activations
+(SAEBench re-prompts them with fresh examples); prompts share KV-cached
+prefixes (see ``fcsae.evals.probe``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from fcsae.config import EvalConfig, LMConfig
+from fcsae.errors import FcsaeInputError
+from fcsae.evals import probe as probe_mod
+from fcsae.evals import store
+from fcsae.evals.probe import LETTERS, ProbeData
+
+log = logging.getLogger(__name__)
+
+KIND = "absorption"
+PROMPT_VERSION = 1
+"""Bump when prompt construction changes (invalidates cached activations)."""
+FULL_ABSORPTION_COS = 0.025
+ABSORBER_COS = 0.1
+PROJECTION_SHARE = 0.4
+MAX_ABSORBERS = 3
+ACTIVE_EPS = 1e-8
+L1_DECAY = 0.01
+L1_EPOCHS = 50
+MIN_LETTERS_WARN = 20
+"""SAEBench refuses to score fewer kept letters than this; we score and warn."""
+
+
+class AbsorptionResult(NamedTuple):
+    """Summary numbers and the per-letter table of one SAE's absorption eval."""
+
+    summary: dict[str, float]
+    per_letter: pl.DataFrame
+
+
+class WordAbsorption(NamedTuple):
+    """Per-word absorption results for one letter."""
+
+    fraction_N: torch.Tensor
+    full_N: torch.Tensor
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def absorption_scores(latents_NF: torch.Tensor, x_ND: torch.Tensor, probe_D: torch.Tensor, W_dec_FD: torch.Tensor,
+                      main_ids: list[int]) -> WordAbsorption:
+    """Absorption fraction and full absorption for words ``x_ND`` with SAE latents ``latents_NF`` (see module doc)."""
+    p_D = probe_D.float() / probe_D.float().norm()
+    dec_proj_F = W_dec_FD.float() @ p_D
+    cos_F = dec_proj_F / W_dec_FD.float().norm(dim=1).clamp_min(1e-12)
+    proj_NF = latents_NF.float() * dec_proj_F
+    word_N = x_ND.float() @ p_D
+    main = torch.zeros(W_dec_FD.shape[0], dtype=torch.bool)
+    main[main_ids] = True
+    main_N = proj_NF[:, main].sum(1)
+
+    cand_NF = (~main & (cos_F >= ABSORBER_COS))[None, :] & (proj_NF > 0)
+    k = min(MAX_ABSORBERS, proj_NF.shape[1])
+    absorbers_N = proj_NF.masked_fill(~cand_NF, 0.0).topk(k, dim=1).values.sum(1)
+    share_N = absorbers_N / torch.where(word_N == 0, torch.full_like(word_N, float("nan")), word_N)
+    absorbed_N = torch.minimum(absorbers_N, word_N - main_N)
+    partial_N = (absorbed_N / (absorbed_N + main_N)).clamp(0, 1)
+    no_absorb = (main_N >= word_N) | ~(share_N >= PROJECTION_SHARE)
+    fraction_N = torch.where(no_absorb, 0.0, torch.where(main_N <= 0, 1.0, partial_N))
+
+    top_val_N, top_idx_N = proj_NF.max(dim=1)
+    main_silent_N = (latents_NF[:, main].abs() < ACTIVE_EPS).all(1)
+    full_N = (main_silent_N & (cos_F[top_idx_N] >= FULL_ABSORPTION_COS) & (word_N > 0)
+              & (top_val_N >= PROJECTION_SHARE * word_N))
+    return WordAbsorption(fraction_N, full_N)
+
+
+def split_features(f1_by_k: list[float], feats_by_k: list[list[int]], f1_jump: float) -> list[int]:
+    """Main latents: the top-k set at the last k whose F1 beat the best so far by more than ``f1_jump``."""
+    best, chosen = -math.inf, []
+    for f1, feats in zip(f1_by_k, feats_by_k):
+        if f1 > best + f1_jump:
+            best, chosen = f1, list(feats)
+        else:
+            break
+    return chosen
+
+
+def l1_probe_weights(lat_NA: torch.Tensor, labels_N: torch.Tensor, n_classes: int, seed: int,
+                     epochs: int = L1_EPOCHS, batch: int = 4096) -> torch.Tensor:
+    """One-vs-rest logistic probes with an L1 penalty on latents, as SAEBench uses to rank them; weights ``[C, A]``.
+
+    BCE with positive weights (neg/pos), L1 0.01 x mean over probes of sum |w|,
+    Adam lr 1e-2 decaying exponentially to 1e-5, weight decay 1e-6, zero
+    init, seeded batch order.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    N, A = lat_NA.shape
+    y_NC = F.one_hot(labels_N.long(), n_classes).float()
+    pos_C = y_NC.sum(0)
+    pos_weight_C = torch.where(pos_C > 0, (N - pos_C) / pos_C.clamp_min(1), torch.ones_like(pos_C))
+    W = torch.zeros(n_classes, A, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=1e-2, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(1e-5 / 1e-2) / epochs))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight_C)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for rows in torch.randperm(N, generator=gen).split(batch):
+                opt.zero_grad()
+                loss = loss_fn(lat_NA[rows] @ W.T + b, y_NC[rows]) + L1_DECAY * W.abs().sum(1).mean()
+                loss.backward()
+                opt.step()
+            sched.step()
+    return W.detach()
+
+
+def _fit_f1(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    clf = LogisticRegression(max_iter=500, class_weight="balanced", random_state=seed).fit(x_tr, y_tr)
+    return float(f1_score(y_te, clf.decision_function(x_te) > 0, zero_division=0))
+
+
+# ------------------------------------------------------------------ cache
+
+
+def _material(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    return {"model": store.model_fingerprint(lm), "layer": lm_cfg.layer, "dtype": lm_cfg.dtype,
+            "words": eval_cfg.absorption_words, "icl_examples": eval_cfg.icl_examples,
+            "icl_prefixes": eval_cfg.icl_prefixes, "seed": eval_cfg.seed,
+            "train_fraction": eval_cfg.absorption_train_fraction, "prompt_version": PROMPT_VERSION}
+
+
+def _compute_probe_data(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig, progress: bool):
+    vocab = probe_mod.sample_vocab(lm.tokenizer, eval_cfg)
+    x_tr, order_tr = probe_mod.collect_acts(lm, lm_cfg, eval_cfg, vocab, train=True, progress=progress)
+    x_te, order_te = probe_mod.collect_acts(lm, lm_cfg, eval_cfg, vocab, train=False, progress=progress)
+    y_tr = torch.tensor([vocab.labels[i] for i in order_tr])
+    y_te = torch.tensor([vocab.labels[i] for i in order_te])
+    W, b, metrics = probe_mod.train_probe(x_tr.double().numpy(), y_tr.numpy(), x_te.double().numpy(), y_te.numpy(),
+                                          seed=eval_cfg.seed)
+    tensors = {"acts_train": x_tr, "acts_test": x_te, "labels_train": y_tr, "labels_test": y_te,
+               "probe_W": torch.from_numpy(W).float(), "probe_b": torch.from_numpy(b).float()}
+    info = {"words_test": [vocab.words[i] for i in order_te], "words_train": [vocab.words[i] for i in order_tr],
+            "probe_metrics": metrics}
+    return tensors, info
+
+
+def prepare_absorption_cache(lm_cfg: LMConfig, eval_cfg: EvalConfig, lm=None, progress: bool = True) -> ProbeData:
+    """The cached words, activations and probe for (model, layer, eval config); computed and stored on a miss.
+
+    A missing or corrupt entry is recomputed. Raises ``FcsaeInputError`` when
+    the tokenizer has fewer single-token words than ``absorption_words``.
+    """
+    from fcsae.evals.core import _load_lm
+
+    lm = _load_lm(lm_cfg, lm)
+    material = _material(lm, lm_cfg, eval_cfg)
+    entry = store.load_entry(KIND, material)
+    if entry is None:
+        log.info("absorption eval: building words, prompt activations and probe (cached afterwards)")
+        tensors, info = _compute_probe_data(lm, lm_cfg, eval_cfg, progress)
+        store.save_entry(KIND, material, tensors, info)
+        entry = store.load_entry(KIND, material)
+        if entry is None:
+            raise FcsaeInputError(f"absorption cache under {store.entry_dir(KIND, material)} cannot be written back")
+    t, info = entry.tensors, entry.meta
+    return ProbeData(t["acts_train"], t["acts_test"], t["labels_train"], t["labels_test"], info["words_test"],
+                     t["probe_W"], t["probe_b"], info["probe_metrics"])
+
+
+# ------------------------------------------------------------------ per SAE
+
+
+@torch.no_grad()
+def _encode(sae, x_ND: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    device = sae.W_dec.device
+    return torch.cat([sae.encode(x_ND[i:i + batch].to(device)).float().cpu() for i in range(0, len(x_ND), batch)])
+
+
+def _letter_row(letter: int, data: ProbeData, lat_tr: torch.Tensor, lat_te: torch.Tensor, active: torch.Tensor,
+                ranking_CA: torch.Tensor, x_te: torch.Tensor, W_dec: torch.Tensor, eval_cfg: EvalConfig) -> dict:
+    y_tr = (data.labels_train_N == letter).numpy()
+    y_te = (data.labels_test_N == letter).numpy()
+    f1s, feats = [], []
+    for k in range(1, min(eval_cfg.max_k, active.numel()) + 1):
+        top = ranking_CA[letter].topk(k).indices
+        f1s.append(_fit_f1(lat_tr[:, top].numpy(), y_tr, lat_te[:, active[top]].numpy(), y_te, eval_cfg.seed))
+        feats.append(active[top].tolist())
+        if len(f1s) > 1 and not f1s[-1] > max(f1s[:-1]) + eval_cfg.f1_jump:
+            break  # the split-feature walk has stopped; larger k cannot change the result
+    main = split_features(f1s, feats, eval_cfg.f1_jump)
+    scores = data.acts_test_ND @ data.probe_W_LD[letter] + data.probe_b_L[letter]
+    tp = (data.labels_test_N == letter) & (scores > 0)
+    res = absorption_scores(lat_te[tp], x_te[tp], data.probe_W_LD[letter], W_dec, main)
+    n_tp = int(tp.sum())
+    return {
+        "letter": LETTERS[letter], "probe_f1": data.probe_metrics[letter]["f1"],
+        "sparse_f1_k1": f1s[0] if f1s else float("nan"), "sparse_f1_main": f1s[len(main) - 1] if main else float("nan"),
+        "num_split_features": len(main), "main_latents": main, "num_probe_true_positives": n_tp,
+        "mean_absorption_fraction": float(res.fraction_N.sum()) / n_tp if n_tp else float("nan"),
+        "full_absorption_rate": float(res.full_N.sum()) / n_tp if n_tp else float("nan"),
+        "num_full_absorption": int(res.full_N.sum()),
+    }
+
+
+def evaluate_absorption(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float, lm=None,
+                        progress: bool = True) -> AbsorptionResult:
+    """First-letter absorption of ``sae`` (see the module docstring); per call only encodes and probes run.
+
+    ``lm`` is only loaded when the cache entry has to be (re)built or the SAE
+    width must be checked against it; pass it to avoid the load.
+    """
+    from fcsae.evals.core import check_sae_matches
+
+    if not (isinstance(norm_scale, (int, float)) and math.isfinite(norm_scale) and norm_scale > 0):
+        raise FcsaeInputError(f"norm_scale: must be a finite number > 0, got {norm_scale!r}")
+    from fcsae.evals.core import _load_lm
+
+    lm = _load_lm(lm_cfg, lm)
+    check_sae_matches(sae, lm, lm_cfg.layer)
+    data = prepare_absorption_cache(lm_cfg, eval_cfg, lm=lm, progress=progress)
+    x_tr, x_te = data.acts_train_ND * norm_scale, data.acts_test_ND * norm_scale
+    lat_tr_full, lat_te = _encode(sae, x_tr), _encode(sae, x_te)
+    active = (lat_tr_full != 0).any(0).nonzero().squeeze(1)
+    if active.numel() == 0:
+        raise FcsaeInputError("absorption eval: no SAE latent fires on any probe word (is norm_scale right?)")
+    lat_tr = lat_tr_full[:, active]
+    del lat_tr_full
+    ranking = l1_probe_weights(lat_tr, data.labels_train_N, len(LETTERS), eval_cfg.seed)
+    kept = [i for i, m in enumerate(data.probe_metrics) if m["f1"] > eval_cfg.probe_f1_min]
+    if len(kept) < MIN_LETTERS_WARN:
+        log.warning("absorption eval: only %d letters pass probe F1 > %.2f (SAEBench wants %d)",
+                    len(kept), eval_cfg.probe_f1_min, MIN_LETTERS_WARN)
+    W_dec = sae.W_dec.detach().float().cpu()
+    rows = [_letter_row(i, data, lat_tr, lat_te, active, ranking, x_te, W_dec, eval_cfg) for i in kept]
+    table = pl.DataFrame(rows, schema={
+        "letter": pl.Utf8, "probe_f1": pl.Float64, "sparse_f1_k1": pl.Float64, "sparse_f1_main": pl.Float64,
+        "num_split_features": pl.Int64, "main_latents": pl.List(pl.Int64), "num_probe_true_positives": pl.Int64,
+        "mean_absorption_fraction": pl.Float64, "full_absorption_rate": pl.Float64, "num_full_absorption": pl.Int64})
+    scored = table.filter(pl.col("num_probe_true_positives") > 0)
+    mean = lambda col: float(scored[col].mean()) if scored.height else float("nan")  # noqa: E731
+    summary = {
+        "mean_absorption_fraction": mean("mean_absorption_fraction"),
+        "mean_full_absorption": mean("full_absorption_rate"),
+        "mean_num_split_features": mean("num_split_features"),
+        "n_letters": float(len(kept)),
+        "n_letters_scored": float(scored.height),
+        "probe_f1_mean": float(np.mean([m["f1"] for m in data.probe_metrics])),
+    }
+    return AbsorptionResult(summary, table)
