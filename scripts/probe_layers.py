@@ -2,9 +2,11 @@
 
 For each single-token word (a leading space + ASCII letters), build the prompt
 
-    <bos>[\\n {ex} has the first letter: {EX}] x icl  \\n {word} has the first letter:
+    <bos>[\\n {ex} has the first letter: {EX}] x icl  \\n {word}
 
-with ``icl`` random in-context examples, read the residual stream at the
+with ``icl`` random in-context examples (the target's own " has the first
+letter:" is not run: it comes after the word and cannot change the word's
+residual in a causal model), read the residual stream at the
 word's token from every candidate layer in one forward pass (stopping at the
 deepest), and train a standardised multinomial logistic probe per layer to
 predict the word's first letter. A letter passes when its test F1 > 0.6
@@ -74,10 +76,12 @@ def build_prompts(tokenizer, words: dict[str, int], n_words: int, icl: int, seed
         for ex in rng.choice(len(vocab), size=icl, replace=False):
             e = vocab[ex]
             row += nl + [words[e]] + suffix + letter_ids[e[1].lower()]
-        row += nl + [words[w]] + suffix
+        # The target's own suffix (" has the first letter:") comes after the word and,
+        # the model being causal, cannot change the residual at the word: leave it out.
+        row += nl + [words[w]]
         rows.append(row)
         letters.append(ord(w[1].lower()) - ord("a"))
-    word_pos = len(rows[0]) - len(suffix) - 1
+    word_pos = len(rows[0]) - 1
     return Prompts(torch.tensor(rows), np.array(letters), chosen, word_pos)
 
 
@@ -118,7 +122,7 @@ def probe(X: np.ndarray, y: np.ndarray, seed: int, min_test: int = 5, f1_min: fl
     }
 
 
-def time_forward(lm: L.LoadedModel, layers: list[int], batch: int = 8, ctx: int = 128, reps: int = 2) -> dict[int, float]:
+def time_forward(lm: L.LoadedModel, layers: list[int], batch: int = 4, ctx: int = 128, reps: int = 2) -> dict[int, float]:
     """Tokens/s of a bare forward pass up to each layer (random tokens, fixed shape), best of ``reps``."""
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, len(lm.tokenizer), (batch, ctx), generator=g)
@@ -139,7 +143,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer indices")
     p.add_argument("--words", type=int, default=8000)
-    p.add_argument("--icl", type=int, default=3, help="in-context examples per prompt")
+    p.add_argument("--icl", type=int, default=2, help="in-context examples per prompt")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -154,6 +158,7 @@ def main() -> None:
     words = single_token_words(lm.tokenizer)
     prompts = build_prompts(lm.tokenizer, words, args.words, args.icl, args.seed)
     log.info("%d single-token words in the vocabulary, %d prompts of %d tokens", len(words), len(prompts.words), prompts.tokens_NT.shape[1])
+    log.info("first prompt: %r", lm.tokenizer.decode(prompts.tokens_NT[0]))
     t1 = time.perf_counter()
     feats = collect(lm, prompts, layers, args.batch)
     t_collect = time.perf_counter() - t1

@@ -144,6 +144,20 @@ def test_hub_unreachable_is_input_error(monkeypatch):
     assert seen == [("EleutherAI/pythia-70m-deduped", True), ("EleutherAI/pythia-70m-deduped", False)]
 
 
+def test_prepare_hub_name_unreachable(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo, **kw):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FcsaeInputError, match=r"weights of 'EleutherAI/pythia-70m-deduped' are not reachable offline"):
+        L.prepare_model("EleutherAI/pythia-70m-deduped")
+    with pytest.raises(FcsaeInputError, match="unknown name"):
+        L.prepare_model("pythia-70m-typo")
+
+
 def _fake_offline(monkeypatch, tmp_path, fail=False):
     """Register an offline short name whose 'dequantisation' saves a tiny model (or crashes mid-way)."""
     monkeypatch.setenv("FCSAE_HOME", str(tmp_path / "home"))
