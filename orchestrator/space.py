@@ -170,6 +170,19 @@ def section_configs(fixed: Mapping[str, Mapping], overrides: Mapping[str, Any] |
     return out
 
 
+_TYPE_CHECKS = {"int": (_is_int, "an integer"), "float": (_is_num, "a number"), "str": (lambda v: isinstance(v, str), "a string"),
+                "bool": (lambda v: isinstance(v, bool), "true or false")}
+
+
+def field_type_problem(section: str, field: str, value) -> str | None:
+    """A message if ``value`` has the wrong type for config field ``section.field`` (None if fine)."""
+    ftype = {f.name: f.type for f in dataclasses.fields(CONFIG_SECTIONS[section])}.get(field)
+    check = _TYPE_CHECKS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+    if check and not check[0](value):
+        return f"{section}.{field}: must be {check[1]}, got {value!r}"
+    return None
+
+
 def _check_keys(where: str, data: Mapping, allowed: set[str], problems: list[str]) -> None:
     for key in sorted(set(data) - allowed, key=str):
         problems.append(f"{where}{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
@@ -190,7 +203,13 @@ def _parse_fixed(raw, problems) -> dict[str, dict]:
             continue
         allowed = _field_names(section) - {"lm"} - ({"d_in"} if section == "sae" else set())
         _check_keys(f"fixed.{section}.", data, allowed, problems)
-        fixed[section] = {k: v for k, v in data.items() if k in allowed}
+        fixed[section] = {}
+        for k, v in data.items():
+            msg = field_type_problem(section, k, v) if k in allowed else None
+            if msg:
+                problems.append(f"fixed.{msg}")
+            elif k in allowed:
+                fixed[section][k] = v
     try:
         section_configs(fixed)
     except FcsaeInputError as e:
@@ -256,7 +275,12 @@ def _parse_param(name: str, raw, problems) -> ParamSpec | None:
 def _check_param_values(fixed, p: ParamSpec, problems) -> None:
     """Every categorical value and both range ends must be accepted by the config class."""
     values = p.values if p.kind == "categorical" else (p.low, p.high)
+    section, field = p.name.split(".", 1)
     for v in values:
+        msg = field_type_problem(section, field, float(v) if p.kind == "float" else v)
+        if msg:
+            problems.append(f"search.{p.name}: value {v!r} refused: {msg}")
+            continue
         try:
             section_configs(fixed, {p.name: float(v) if p.kind == "float" else v})
         except FcsaeInputError as e:
@@ -424,9 +448,10 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
             grid.append(("trainer.seed", tuple(seeds)))
 
     objectives = _parse_objectives(raw.get("objectives"), evals, problems)
+    n_problems = len(problems)
     num_samples = _positive_int(raw, "num_samples", 1, problems)
     cells = math.prod(len(v) for _, v in grid) if grid else 1
-    if num_samples % cells:
+    if len(problems) == n_problems and num_samples % cells:
         problems.append(f"num_samples: {num_samples} is not a multiple of the {cells} grid cells "
                         f"({' x '.join(n for n, _ in grid)}); every cell must get the same budget")
     max_concurrent = _positive_int(raw, "max_concurrent", 1, problems)

@@ -72,11 +72,12 @@ CORE_METRICS: dict[str, str] = {
 """Core metrics: name -> meaning. Columns ``core.<name>``."""
 
 ABSORPTION_METRICS: dict[str, str] = {
-    "mean_absorption_fraction": "Mean over kept letters of the fraction of the probe's words absorbed by other latents.",
-    "mean_full_absorption": "Mean over kept letters of the fraction of words where the main latents do not fire at all.",
-    "mean_num_split_features": "Mean number of latents k-sparse probing needs per letter (feature splitting).",
-    "n_letters": "Number of letters whose probe F1 passed ``eval.probe_f1_min``.",
-    "mean_probe_f1": "Mean F1 of the kept letters' linear probes.",
+    "mean_absorption_fraction": "Mean over scored letters of the fraction of the probe's true positives absorbed by other latents.",
+    "mean_full_absorption": "Mean over scored letters of the fraction of true positives where the main latents do not fire at all.",
+    "mean_num_split_features": "Mean number of main latents k-sparse probing finds per letter (feature splitting).",
+    "n_letters": "Letters whose probe F1 passed ``eval.probe_f1_min``.",
+    "n_letters_scored": "Kept letters with at least one probe true positive (the means are over these).",
+    "probe_f1_mean": "Mean F1 of the 26 letters' linear probes (the model's, not the SAE's).",
 }
 """Absorption summary metrics: name -> meaning. Columns ``absorption.<name>``."""
 
@@ -161,11 +162,15 @@ PER_LETTER_COLUMNS: list[Column] = [
     Column("sweep_id", pa.string(), "The sweep's id (as in the trial table)."),
     Column("trial_id", pa.string(), "The trial's id: joins with the trial table."),
     Column("letter", pa.string(), "The first letter (lower case)."),
-    Column("probe_f1", pa.float64(), "Test F1 of the letter's linear probe."),
-    Column("absorption_fraction", pa.float64(), "Fraction of the letter's words absorbed by other latents."),
-    Column("full_absorption", pa.float64(), "Fraction of the letter's words where the main latents do not fire."),
-    Column("num_split_features", pa.int64(), "Latents k-sparse probing chose for the letter."),
-    Column("n_words", pa.int64(), "Test words of the letter the fractions are computed on."),
+    Column("probe_f1", pa.float64(), "Test F1 of the letter's linear probe on the model's activations."),
+    Column("sparse_f1_k1", pa.float64(), "F1 of a probe on the single best SAE latent."),
+    Column("sparse_f1_main", pa.float64(), "F1 of a probe on the letter's main latents."),
+    Column("num_split_features", pa.int64(), "Main latents k-sparse probing chose for the letter."),
+    Column("main_latents", pa.list_(pa.int64()), "Ids of the main latents."),
+    Column("num_probe_true_positives", pa.int64(), "Test words the probe gets right: the words absorption is scored on."),
+    Column("mean_absorption_fraction", pa.float64(), "Mean fraction of the probe direction carried by non-main latents."),
+    Column("full_absorption_rate", pa.float64(), "Fraction of true positives where no main latent fires."),
+    Column("num_full_absorption", pa.int64(), "Number of fully absorbed true positives."),
 ]
 """Columns of the per-letter absorption child table."""
 

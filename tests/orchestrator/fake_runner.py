@@ -1,12 +1,13 @@
 """A fast stand-in runner for orchestrator tests: no language model, no cache.
 
-It walks ``trainer.total_steps`` steps, sleeping ``FCSAE_FAKE_STEP_S`` seconds per step, checkpointing its step
-to ``trial_dir/fake_ckpt.json`` (so an interrupted trial continues), and
-returns metrics that are a deterministic function of the params. Behaviour is
-steered by environment variables (Ray workers inherit the driver's env):
+It walks ``trainer.total_steps`` steps, sleeping ``step_s`` seconds per step, checkpointing its step every
+other step to ``trial_dir/fake_ckpt.json`` (so an interrupted trial
+continues), and returns metrics that are a deterministic function of the
+params. Behaviour is steered by ``fake.json`` next to the experiment dir (workers of an
+already running Ray cluster do not see later environment changes):
 
-- ``FCSAE_FAKE_STEP_S``: seconds per step (default 0.01);
-- ``FCSAE_FAKE_FAIL``: a ``split.criterion`` value whose trials raise;
+- ``step_s``: seconds per step (default 0.01);
+- ``fail``: a ``split.criterion`` value whose trials raise;
 - every completed run appends its trial id to ``<experiment>/fake_completions.log``
   and every start to ``fake_starts.log`` (so tests can check nothing ran twice).
 """
@@ -41,9 +42,11 @@ def run(ctx) -> TrialOutcome:
     ckpt = ctx.trial_dir / "fake_ckpt.json"
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
     total = cfgs["trainer"].total_steps
-    step_s = float(os.environ.get("FCSAE_FAKE_STEP_S", "0.01"))
+    knobs = exp.parent / "fake.json"
+    behaviour = json.loads(knobs.read_text()) if knobs.exists() else {}
+    step_s = float(behaviour.get("step_s", 0.01))
     t0 = time.perf_counter()
-    if cfgs["split"].criterion == os.environ.get("FCSAE_FAKE_FAIL"):
+    if cfgs["split"].criterion == behaviour.get("fail"):
         raise FloatingPointError(f"loss diverged at step {step} (fake)")
     while step < total:
         time.sleep(step_s)
@@ -61,7 +64,7 @@ def run(ctx) -> TrialOutcome:
     metrics = {"core.explained_variance": 0.9 - 0.001 * cfgs["sae"].dict_size / 64, "core.l0": float(cfgs["sae"].k),
                "absorption.mean_absorption_fraction": absorption, "absorption.mean_full_absorption": absorption / 2,
                "absorption.not_in_schema": 1.5}
-    per_letter = pl.DataFrame({"letter": ["a", "b"], "absorption_fraction": [absorption, absorption],
+    per_letter = pl.DataFrame({"letter": ["a", "b"], "mean_absorption_fraction": [absorption, absorption],
                                "probe_f1": [0.9, 0.8]})
     _append(exp / "fake_completions.log", ctx.trial_id)
     return TrialOutcome(metrics=metrics, per_letter=per_letter, configs=cfgs, tokens_trained=total * cfgs["trainer"].batch_size,

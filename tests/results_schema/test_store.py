@@ -33,7 +33,8 @@ def test_every_column_has_a_docstring():
 
 
 def test_write_and_scan_round_trip(tmp_path):
-    letters = pl.DataFrame({"letter": ["a", "b"], "probe_f1": [0.9, 0.8], "absorption_fraction": [0.1, 0.0],
+    letters = pl.DataFrame({"letter": ["a", "b"], "probe_f1": [0.9, 0.8], "mean_absorption_fraction": [0.1, 0.0],
+                            "main_latents": [[1, 2], [3]],
                             "unknown_col": [1, 2]})
     store.write_trial(tmp_path, _row("t1"), per_letter=letters)
     store.write_trial(tmp_path, _row("t2", status="failed", failure_reason="boom"))

@@ -1,0 +1,205 @@
+"""Sweeps end to end with the fake runner: rows, failures, resume after SIGKILL, Ctrl-C, leftover processes.
+
+Ray tests are ``slow``; the in-process ones share one small local Ray cluster
+(session fixture); the kill/interrupt tests run the driver as a subprocess
+with its own cluster, as a user would.
+"""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from fcsae.errors import FcsaeInputError
+from orchestrator import driver, space
+from results_schema import schema, store
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP_BIN = REPO / ".venv" / "bin" / "fcsae-sweep"
+
+SPACE = {
+    "name": "fake",
+    "runner": "tests.orchestrator.fake_runner",
+    "fixed": {"sae": {"activation": "topk", "k": 4, "dict_size": 32}, "trainer": {"total_tokens": 2560, "batch_size": 256}},
+    "search": {
+        "split.criterion": {"type": "categorical", "values": ["none", "fc"], "grid": True},
+        "tracker.ema_alpha": {"type": "float", "low": 0.9, "high": 0.999},
+    },
+    "objectives": [{"metric": "absorption.mean_absorption_fraction", "mode": "min"}],
+    "num_samples": 4,
+    "max_concurrent": 2,
+    "resources": {"cpu": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small local Ray for the in-process sweep tests."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(**changes):
+    raw = copy.deepcopy(SPACE)
+    raw.update(changes)
+    return space.parse_space(raw)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_writes_schema_valid_rows(tmp_path, ray_cluster):
+    exp = tmp_path / "exp"
+    outcome = driver.run_sweep(_spec(), exp, live=False)
+    assert outcome.complete and outcome.counts["ok"] == 4
+    df = store.scan_results(exp / "results").collect()
+    assert df.height == 4 and df["trial_id"].n_unique() == 4
+    assert set(df["schema_version"]) == {schema.SCHEMA_VERSION}
+    assert df.columns == schema.TRIAL_SCHEMA.names
+    assert sorted(df["split.criterion"]) == ["fc", "fc", "none", "none"]  # grid cells get equal budgets
+    assert all(0.9 <= a <= 0.999 for a in df["tracker.ema_alpha"])
+    assert df["objective"].to_list() == df["absorption.mean_absorption_fraction"].to_list()
+    assert all(json.loads(x) == {"absorption.not_in_schema": 1.5} for x in df["extra_metrics_json"])
+    assert all(Path(d).is_dir() and str(exp) in d for d in df["trial_dir"])
+    assert store.scan_per_letter(exp / "results").collect().height == 8
+    assert sorted(_lines(exp / "fake_completions.log")) == sorted(df["trial_id"])
+    assert (exp / "sweep.json").exists() and not (exp / "ray_pids.json").exists()
+
+
+@pytest.mark.slow
+def test_failing_trials_recorded_while_others_finish(tmp_path, ray_cluster):
+    (tmp_path / "fake.json").write_text(json.dumps({"fail": "fc"}))
+    exp = tmp_path / "exp"
+    outcome = driver.run_sweep(_spec(), exp, live=False)
+    assert outcome.complete
+    df = store.scan_results(exp / "results").collect().sort("split.criterion")
+    assert df["status"].to_list() == ["failed", "failed", "ok", "ok"]
+    failed = df.filter(df["status"] == "failed")
+    assert all(r.startswith("FloatingPointError: loss diverged") for r in failed["failure_reason"])
+    assert failed["objective"].null_count() == 2
+    # a resume neither re-runs nor duplicates anything, failed trials included
+    again = driver.run_sweep(_spec(), exp, mode="resume", live=False)
+    assert again.counts == outcome.counts
+    assert len(_lines(exp / "fake_completions.log")) == 2
+
+
+def test_existing_experiment_needs_resume_or_restart(tmp_path):
+    spec = _spec()
+    exp = tmp_path / "exp"
+    sweep_id, resuming = driver.setup_experiment(spec, exp, "new")
+    assert not resuming
+    with pytest.raises(FcsaeInputError, match="--resume"):
+        driver.setup_experiment(spec, exp, "new")
+    assert driver.setup_experiment(spec, exp, "resume") == (sweep_id, True)
+    with pytest.raises(FcsaeInputError, match="search space changed"):
+        driver.setup_experiment(_spec(num_samples=8), exp, "resume")
+    new_id, resuming = driver.setup_experiment(spec, exp, "restart")
+    assert new_id != sweep_id and not resuming
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(FcsaeInputError, match="not empty"):
+        driver.setup_experiment(spec, other, "restart")
+    assert (other / "precious.txt").exists()
+
+
+def test_cli_validation_error_exits_2(tmp_path, capsys):
+    from orchestrator.cli import sweep_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SPACE, "num_samples": 0, "bogus": 1}))
+    assert sweep_main(["--space", str(bad), "--experiment-dir", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "num_samples" in err and "bogus" in err
+    assert not (tmp_path / "exp").exists()  # nothing half-written
+
+
+def _driver(space_file: Path, exp: Path, *extra) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([str(SWEEP_BIN), "--space", str(space_file), "--experiment-dir", str(exp), "--no-live",
+                             "--num-cpus", "2", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"driver exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail("timed out waiting for the sweep to make progress")
+
+
+def _recorded_alive(exp: Path) -> list[int]:
+    info = json.loads((exp / "ray_pids.json").read_text())
+    alive = []
+    for rec in info["processes"]:
+        try:
+            if abs(psutil.Process(rec["pid"]).create_time() - rec["create_time"]) < 1e-3:
+                alive.append(rec["pid"])
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_runs_every_trial_exactly_once(tmp_path):
+    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.3}))
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(yaml.safe_dump(SPACE))
+    exp = tmp_path / "exp"
+    proc = _driver(space_file, exp)
+    # kill once one trial finished and another is mid-way (it has a checkpoint but no row)
+    _wait_for(lambda: len(store.trial_files(exp / "results")) >= 1
+              and len(_lines(exp / "fake_starts.log")) >= 3, 240, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows_before = store.finished_trials(exp / "results")
+    assert 1 <= len(rows_before) < 4
+    resumed = _driver(space_file, exp, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    df = store.scan_results(exp / "results").collect()
+    assert df.height == 4 and df["trial_id"].n_unique() == 4 and set(df["status"]) == {"ok"}
+    assert set(df["sweep_id"]) == {json.loads((exp / "sweep.json").read_text())["sweep_id"]}
+    completions = _lines(exp / "fake_completions.log")
+    assert sorted(completions) == sorted(df["trial_id"])  # no finished trial ran twice
+    for tid in rows_before:  # and the rows written before the kill were kept
+        assert tid in completions
+    assert "4 ok, 0 failed, 0 pruned of 4" in out
+    assert not (exp / "ray_pids.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_prints_resume_command(tmp_path):
+    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.3}))
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(yaml.safe_dump(SPACE))
+    exp = tmp_path / "exp"
+    proc = _driver(space_file, exp)
+    _wait_for(lambda: len(_lines(exp / "fake_starts.log")) >= 1, 240, proc)
+    pids = _recorded_alive(exp)
+    assert pids
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    time.sleep(2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
