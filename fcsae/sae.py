@@ -132,7 +132,7 @@ def scatter_rows(idx_BN: torch.Tensor, w_BN: torch.Tensor, y_BD: torch.Tensor, n
     with warnings.catch_warnings():
         # torch warns that CSR is "beta"; the one op used here is tested against the dense reference.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        m_RB = torch.sparse_csr_tensor(crow, col, w_BN.reshape(-1)[order], (n_rows, B))
+        m_RB = torch.sparse_csr_tensor(crow, col, w_BN.reshape(-1)[order], (n_rows, B), check_invariants=False)
         return m_RB @ y_BD
 
 
