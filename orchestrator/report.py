@@ -1,0 +1,363 @@
+"""``fcsae-report``: a self-contained report of a sweep (Markdown + PNG figures + one HTML file with them inlined).
+
+Reads the result tables with ``fcsae.query.load_tables`` (results_schema's
+validated per-file scans; unreadable files are skipped and named), then builds
+each section independently: a section that fails is replaced by a line saying
+why, and the rest still builds. The report says when the sweep is partial
+(rows missing against the space's ``num_samples``, trial directories without a
+row, a driver that may still be running).
+
+Layout written (atomically: built in a temporary directory, then swapped in)::
+
+    OUT/report.md   OUT/report.html   OUT/figures/*.png   OUT/tables/*.csv
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import polars as pl
+
+import fcsae
+from fcsae.errors import FcsaeInputError
+from fcsae.plotting import axis_label, save_png
+from fcsae.query import ResultTables, load_tables, parameter_importance, searched_params
+from orchestrator import report_figures as figs
+from orchestrator import report_tables as rt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OBJECTIVES = [(rt.ABSORPTION, "min"), ("absorption.mean_full_absorption", "min"), (rt.EV, "max"),
+                      ("core.ce_loss_score", "max")]
+"""Objectives reported when the experiment's sweep.json is not found (those with data)."""
+
+
+class Block(NamedTuple):
+    """One element of the report: ``kind`` is h1, h2, p, bullets, table or figure."""
+
+    kind: str
+    content: object
+    caption: str = ""
+
+
+class Context(NamedTuple):
+    """What every section builder gets."""
+
+    tables: ResultTables
+    ok: pl.DataFrame
+    objectives: list[tuple[str, str]]
+    sweep: dict | None
+    experiment: Path | None
+    out: Path
+
+
+class ReportResult(NamedTuple):
+    """What ``build_report`` wrote and what went wrong on the way."""
+
+    out_dir: Path
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    problems: list[str]
+    partial: bool
+
+
+def _experiment_of(results_dir: Path) -> Path | None:
+    parent = results_dir.parent
+    return parent if (parent / "sweep.json").is_file() or results_dir.name == "results" else None
+
+
+def _sweep_meta(experiment: Path | None, problems: list[str]) -> dict | None:
+    if experiment is None or not (experiment / "sweep.json").is_file():
+        return None
+    try:
+        return json.loads((experiment / "sweep.json").read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{experiment / 'sweep.json'}: unreadable ({e}); objectives and expected trial count unknown")
+        return None
+
+
+def _objectives(sweep: dict | None, ok: pl.DataFrame) -> list[tuple[str, str]]:
+    raw = ((sweep or {}).get("space") or {}).get("objectives") or []
+    objs = [(o["metric"], o["mode"]) for o in raw if isinstance(o, dict) and o.get("mode") in ("min", "max")]
+    objs = objs or DEFAULT_OBJECTIVES
+    return [(m, mode) for m, mode in objs if rt.metric_present(ok, m)]
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _status(ctx: Context) -> list[Block]:
+    t = ctx.tables.trials
+    counts = {s: t.filter(pl.col("status") == s).height for s in ("ok", "failed", "pruned")}
+    expected = ((ctx.sweep or {}).get("space") or {}).get("num_samples")
+    lines = [f"Trial rows: {t.height} ({counts['ok']} ok, {counts['failed']} failed, {counts['pruned']} pruned)"
+             + (f" of {expected} asked for." if expected else "; the number asked for is unknown (no sweep.json).")]
+    if ctx.experiment is not None and (ctx.experiment / "trials").is_dir():
+        with_row = set(t["trial_id"].to_list())
+        no_row = sorted(p.name for p in (ctx.experiment / "trials").iterdir() if p.is_dir() and p.name not in with_row)
+        if no_row:
+            lines.append(f"{len(no_row)} trial directories have no result row yet (running or interrupted): "
+                         + ", ".join(no_row[:10]) + (" ..." if len(no_row) > 10 else ""))
+    if ctx.experiment is not None and (ctx.experiment / "ray_pids.json").exists():
+        lines.append("ray_pids.json is present: the sweep's driver may still be running (or was killed).")
+    lines.append(f"Schema versions of the rows: {', '.join(ctx.tables.schema_versions) or 'none'}.")
+    if _partial(ctx):
+        lines.insert(0, "**PARTIAL RESULTS**: this sweep is still running or was interrupted; "
+                        "every number below covers only the finished trials.")
+    return [Block("h2", "Status"), Block("bullets", lines)]
+
+
+def _partial(ctx: Context) -> bool:
+    expected = ((ctx.sweep or {}).get("space") or {}).get("num_samples")
+    if expected and ctx.tables.trials.height < expected:
+        return True
+    if ctx.experiment is not None and (ctx.experiment / "trials").is_dir():
+        with_row = set(ctx.tables.trials["trial_id"].to_list())
+        if any(p.is_dir() and p.name not in with_row for p in (ctx.experiment / "trials").iterdir()):
+            return True
+    return ctx.experiment is not None and (ctx.experiment / "ray_pids.json").exists()
+
+
+def _best(ctx: Context) -> list[Block]:
+    blocks = [Block("h2", "Best trials per objective")]
+    extra = [p for p in searched_params(ctx.tables.trials) if p not in (rt.CRITERION, rt.SEED)]
+    for metric, mode in ctx.objectives:
+        blocks.append(Block("table", rt.best_trials(ctx.ok, metric, mode, extra=extra),
+                            f"Top 5 by `{metric}` ({'lowest' if mode == 'min' else 'highest'} first)"))
+    return blocks
+
+
+def _comparison(ctx: Context) -> list[Block]:
+    metrics = [m for m in (rt.ABSORPTION, "absorption.mean_full_absorption", rt.EV, rt.L0) if rt.metric_present(ctx.ok, m)]
+    cmp = rt.criterion_comparison(ctx.ok, metrics)
+    if cmp.height == 0:
+        return [Block("h2", "Baseline vs split criteria"), Block("p", "No ok trials with a split criterion and metrics.")]
+    text = ("Means over seeds (each seed's trials averaged first), std across seeds; Δ is the difference from "
+            f"`{rt.BASELINE}` with the standard error of that difference. Other searched parameters are pooled, "
+            "so a difference can also come from how they were sampled per criterion.")
+    return [Block("h2", "Baseline vs split criteria"), Block("p", text), Block("table", cmp, "Per criterion"),
+            Block("bullets", rt.comparison_sentences(cmp, metrics[0]), f"Reading on `{metrics[0]}`")]
+
+
+def _pareto(ctx: Context) -> list[Block]:
+    blocks = [Block("h2", "Pareto fronts")]
+    if not rt.metric_present(ctx.ok, rt.ABSORPTION):
+        return blocks + [Block("p", "No absorption results: no Pareto front of absorption.")]
+    for other, mode, name in ((rt.EV, "max", "pareto_absorption_ev"), (rt.L0, "min", "pareto_absorption_l0")):
+        if not rt.metric_present(ctx.ok, other):
+            blocks.append(Block("p", f"No `{other}` values: front of absorption vs {other} skipped."))
+            continue
+        d = ctx.ok.filter(pl.col(rt.ABSORPTION).is_not_null() & pl.col(other).is_not_null())
+        mask = rt.pareto_mask(d[rt.ABSORPTION].to_list(), d[other].to_list(), "min", mode)
+        path = save_png(figs.pareto_figure(d, rt.ABSORPTION, other, mask, "min", mode), ctx.out / "figures" / f"{name}.png")
+        blocks.append(Block("figure", path, f"Absorption (lower is better) vs {axis_label(other)}; ringed: Pareto-optimal"))
+        front = rt.best_trials(d.filter(pl.Series(mask)), rt.ABSORPTION, "min", n=50)
+        blocks.append(Block("table", front, f"Trials on the front of absorption vs `{other}`"))
+    return blocks
+
+
+def _effects(ctx: Context) -> list[Block]:
+    blocks = [Block("h2", "Effect of each searched parameter")]
+    metrics = [m for m, _ in ctx.objectives[:2]] or [rt.EV]
+    params = searched_params(ctx.tables.trials)
+    if not params:
+        return blocks + [Block("p", "The rows name no searched parameters.")]
+    imp = pl.concat([parameter_importance(ctx.tables.trials, m).with_columns(pl.lit(m).alias("metric")) for m in metrics])
+    blocks.append(Block("table", imp, "Spearman rank correlation (numeric) or eta squared (categorical) over ok trials"))
+    for p in params:
+        if p == rt.SEED:
+            continue
+        n_values = ctx.ok[p].n_unique()
+        categorical = not ctx.ok.schema[p].is_numeric() or n_values <= 6
+        fig = (figs.categorical_effect_figure if categorical else figs.numeric_effect_figure)(ctx.ok, p, metrics)
+        path = save_png(fig, ctx.out / "figures" / f"effect_{re.sub(r'[^A-Za-z0-9_]', '_', p)}.png")
+        blocks.append(Block("figure", path, f"`{p}`: " + ("dots = seeds, diamond = mean ± std across seeds"
+                                                            if categorical else "one point per trial")))
+        if categorical:
+            stats = pl.concat([rt.seed_stats(ctx.ok, p, m).with_columns(pl.col(p).cast(pl.Utf8), pl.lit(m).alias("metric"))
+                               for m in metrics])
+            blocks.append(Block("table", stats, f"`{p}`: grouped means (std and SE across seeds)"))
+    return blocks
+
+
+def _letters(ctx: Context) -> list[Block]:
+    blocks = [Block("h2", "Per-letter absorption")]
+    stats = rt.letter_stats(ctx.ok, ctx.tables.letters)
+    if stats.height == 0:
+        return blocks + [Block("p", "No per-letter absorption rows for the ok trials.")]
+    path = save_png(figs.letters_figure(stats), ctx.out / "figures" / "letters_absorption.png")
+    return blocks + [Block("figure", path, "Per-letter absorption fraction, baseline vs each split criterion"),
+                     Block("table", rt.letters_wide(stats), "Mean ± std across trials, per letter and criterion")]
+
+
+def _events(ctx: Context) -> list[Block]:
+    blocks = [Block("h2", "Split events over training")]
+    curves, n_read = rt.event_curves(ctx.ok)
+    if n_read:
+        path = save_png(figs.split_events_figure(curves), ctx.out / "figures" / "split_events.png")
+        note = f"From the event logs of {n_read} of {ctx.ok.height} ok trials."
+        return blocks + [Block("figure", path, "Cumulative split + resample events"), Block("p", note)]
+    if not {"n_split_events", "n_resample_events"} <= set(ctx.ok.columns):
+        return blocks + [Block("p", "No event logs and no event counts.")]
+    path = save_png(figs.event_counts_figure(ctx.ok), ctx.out / "figures" / "event_counts.png")
+    return blocks + [Block("p", "No trial's events.jsonl is reachable from here: counts from the result rows instead."),
+                     Block("figure", path, "Split and resample events per trial")]
+
+
+SECTIONS: list[tuple[str, Callable[[Context], list[Block]]]] = [
+    ("status", _status), ("best trials", _best), ("criteria comparison", _comparison), ("Pareto fronts", _pareto),
+    ("parameter effects", _effects), ("per-letter absorption", _letters), ("split events", _events),
+]
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4g}"
+    if isinstance(v, list):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+def _md_table(df: pl.DataFrame) -> str:
+    if df.height == 0:
+        return "_(no rows)_"
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |\n" for row in df.iter_rows())
+
+
+def render_markdown(blocks: list[Block], out: Path) -> str:
+    """The report as Markdown; figures are linked relative to ``out``."""
+    parts = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            parts.append(("# " if b.kind == "h1" else "## ") + str(b.content))
+        elif b.kind == "p":
+            parts.append(str(b.content))
+        elif b.kind == "bullets":
+            parts.append((f"{b.caption}:\n\n" if b.caption else "") + "\n".join(f"- {x}" for x in b.content))
+        elif b.kind == "table":
+            parts.append((f"**{b.caption}**\n\n" if b.caption else "") + _md_table(b.content))
+        elif b.kind == "figure":
+            parts.append(f"![{b.caption}]({Path(b.content).relative_to(out).as_posix()})\n\n*{b.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(blocks: list[Block]) -> str:
+    """The report as one HTML file with the figures inlined (base64), so it can be mailed or archived alone."""
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            body.append(f"<{b.kind}>{html.escape(str(b.content))}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{html.escape(str(b.content))}</p>")
+        elif b.kind == "bullets":
+            cap = f"<p>{html.escape(b.caption)}:</p>" if b.caption else ""
+            body.append(cap + "<ul>" + "".join(f"<li>{html.escape(str(x))}</li>" for x in b.content) + "</ul>")
+        elif b.kind == "table":
+            df = b.content
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in df.iter_rows())
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+            body.append(f"<p><b>{html.escape(b.caption)}</b></p><table><tr>{head}</tr>{rows}</table>")
+        elif b.kind == "figure":
+            data = base64.b64encode(Path(b.content).read_bytes()).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(b.caption)}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _write_tables(blocks: list[Block], out: Path) -> None:
+    for i, b in enumerate(b for b in blocks if b.kind == "table" and b.content.height):
+        df = b.content
+        lists = [c for c, t in df.schema.items() if isinstance(t, pl.List)]
+        df = df.with_columns(pl.col(c).cast(pl.List(pl.Utf8)).list.join(" ") for c in lists)
+        slug = re.sub(r"[^a-z0-9]+", "_", b.caption.lower()).strip("_")[:50] or "table"
+        df.write_csv(out / "tables" / f"{i:02d}_{slug}.csv")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` directory (the old report is removed only after the new one is in place)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{dt.datetime.now():%H%M%S%f}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def default_out_dir(results_dir: Path) -> Path:
+    """``<experiment>/report`` for ``<experiment>/results``, else ``RESULTS_DIR/report``."""
+    return results_dir.parent / "report" if results_dir.name == "results" else results_dir / "report"
+
+
+def build_report(results: str | Path, out: str | Path | None = None) -> ReportResult:
+    """Build the report of the sweep whose results are in ``results`` (results or experiment directory).
+
+    Raises ``FcsaeInputError`` only when nothing can be built (no readable
+    trial row); every other problem is listed in the report and returned.
+    """
+    tables = load_tables(results)
+    problems = list(tables.problems)
+    experiment = _experiment_of(tables.results_dir)
+    sweep = _sweep_meta(experiment, problems)
+    out = Path(out).expanduser().resolve() if out else default_out_dir(tables.results_dir).resolve()
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "figures").mkdir()
+        (tmp / "tables").mkdir()
+        ok = rt.ok_trials(tables.trials)
+        ctx = Context(tables, ok, _objectives(sweep, ok), sweep, experiment, tmp)
+        name = (sweep or {}).get("name") or (tables.trials["sweep_name"].drop_nulls().head(1).to_list() or ["sweep"])[0]
+        blocks = [Block("h1", f"fcsae sweep report: {name}"),
+                  Block("p", f"Results: `{tables.results_dir}`; sweep id "
+                             f"{', '.join(tables.trials['sweep_id'].drop_nulls().unique().sort().to_list()) or 'unknown'}; "
+                             f"generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by fcsae-report "
+                             f"{fcsae.__version__}.")]
+        section_problems = []
+        for title, section in SECTIONS:
+            try:
+                blocks += section(ctx)
+            except Exception as e:  # one section's failure must not cost the others
+                log.warning("report section %r failed: %s", title, e, exc_info=log.isEnabledFor(logging.DEBUG))
+                section_problems.append(f"section '{title}' could not be built: {type(e).__name__}: {e}")
+                blocks += [Block("h2", title.capitalize()), Block("p", f"Could not be built: {type(e).__name__}: {e}")]
+        problems += section_problems
+        if problems:
+            blocks[2:2] = [Block("h2", "Problems"), Block("bullets", problems, "Skipped or failed while building")]
+        (tmp / "report.md").write_text(render_markdown(blocks, tmp))
+        (tmp / "report.html").write_text(render_html(blocks))
+        _write_tables(blocks, tmp)
+        partial = _partial(ctx)
+        figures = sorted(p.name for p in (tmp / "figures").glob("*.png"))
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ReportResult(out, out / "report.md", out / "report.html", [out / "figures" / f for f in figures], problems, partial)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output path that is a file, or a non-empty directory that is not an earlier report (it is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise FcsaeInputError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").exists():
+        raise FcsaeInputError(f"--out: {out} is a non-empty directory that holds no report.md; "
+                              "give a new or an earlier report's directory (it is replaced)")

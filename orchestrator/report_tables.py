@@ -1,0 +1,190 @@
+"""The report's numbers as polars frames: Pareto fronts, grouped effects across seeds, per-letter stats, event curves.
+
+Pure functions of the result tables (no plotting, no files except the event
+logs), so each is testable on a hand-made frame. The seed is the unit of
+replication: a group's trials are first averaged per seed, and spreads are the
+standard deviation across those seed means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+CRITERION = "split.criterion"
+SEED = "trainer.seed"
+ABSORPTION = "absorption.mean_absorption_fraction"
+EV = "core.explained_variance"
+L0 = "core.l0"
+BASELINE = "none"
+"""The criterion the methods are compared against (no resampling, no splitting)."""
+
+
+def pareto_mask(x, y, x_mode: str = "min", y_mode: str = "max") -> list[bool]:
+    """Which points are Pareto-optimal for (x, y) with the given directions.
+
+    A point is on the front when no other point is at least as good on both
+    axes and strictly better on one. Identical points are all on the front.
+    NaN or None points are never on it (nor dominate anything).
+    """
+    if x_mode not in ("min", "max") or y_mode not in ("min", "max"):
+        raise ValueError(f"modes must be min or max, got {x_mode!r}, {y_mode!r}")
+    xs = np.array([np.nan if v is None else v for v in x], dtype=float)
+    ys = np.array([np.nan if v is None else v for v in y], dtype=float)
+    # Flip to "smaller is better" on both axes.
+    xs = xs if x_mode == "min" else -xs
+    ys = ys if y_mode == "min" else -ys
+    valid = np.isfinite(xs) & np.isfinite(ys)
+    xv, yv = np.where(valid, xs, np.inf), np.where(valid, ys, np.inf)
+    le = (xv[:, None] <= xv[None, :]) & (yv[:, None] <= yv[None, :])  # [j, i]: j at least as good as i
+    lt = (xv[:, None] < xv[None, :]) | (yv[:, None] < yv[None, :])
+    dominated = ((le & lt) & valid[:, None]).any(axis=0)
+    return (valid & ~dominated).tolist()
+
+
+def ok_trials(trials: pl.DataFrame) -> pl.DataFrame:
+    """The trials that trained and evaluated."""
+    return trials.filter(pl.col("status") == "ok")
+
+
+def metric_present(df: pl.DataFrame, col: str) -> bool:
+    """True when ``col`` exists and has at least one finite value."""
+    return col in df.columns and df.filter(pl.col(col).is_not_null() & pl.col(col).is_not_nan()).height > 0
+
+
+def seed_stats(df: pl.DataFrame, by: str, metric: str) -> pl.DataFrame:
+    """Per value of ``by``: trials, seeds, mean and std of ``metric`` across seed means, and its standard error."""
+    d = df.filter(pl.col(metric).is_not_null() & pl.col(metric).is_not_nan())
+    has_seed = SEED in d.columns and by != SEED
+    per_seed = d.group_by([by, SEED] if has_seed else [by, "trial_id"]).agg(
+        pl.col(metric).mean().alias("v"), pl.len().alias("n"))
+    out = per_seed.group_by(by).agg(
+        pl.col("n").sum().alias("n_trials"), pl.len().alias("n_seeds"),
+        pl.col("v").mean().alias("mean"), pl.col("v").std(ddof=1).alias("std"))
+    out = out.with_columns((pl.col("std") / pl.col("n_seeds").cast(pl.Float64).sqrt()).alias("se"))
+    return out.sort(by)
+
+
+def criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
+    """Per (criterion, metric): trials, seeds, mean and std across seeds, difference from the baseline and its SE.
+
+    The SE of the difference is sqrt(se_c^2 + se_none^2), with se = std / sqrt(seeds).
+    Long format (one row per criterion and metric) so the table stays readable.
+    """
+    if CRITERION not in ok.columns or ok.height == 0:
+        return pl.DataFrame()
+    parts = []
+    for m in metrics:
+        if not metric_present(ok, m):
+            continue
+        s = seed_stats(ok, CRITERION, m)
+        b = s.filter(pl.col(CRITERION) == BASELINE)
+        if b.height:
+            delta = pl.col("mean") - b["mean"].item()
+            se = (pl.col("se") ** 2 + (b["se"].item() or 0.0) ** 2).sqrt()
+        else:
+            delta = se = pl.lit(None, pl.Float64)
+        is_base = pl.col(CRITERION) == BASELINE  # the baseline's difference from itself is not a result
+        parts.append(s.with_columns(pl.lit(m).alias("metric"),
+                                    pl.when(is_base).then(None).otherwise(delta).alias(f"Δ vs {BASELINE}"),
+                                    pl.when(is_base).then(None).otherwise(se).alias("Δ SE")))
+    if not parts:
+        return pl.DataFrame()
+    out = pl.concat(parts).rename({CRITERION: "criterion"})
+    return out.select("criterion", "metric", "n_trials", "n_seeds", "mean", "std", f"Δ vs {BASELINE}", "Δ SE")
+
+
+def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
+    """Plain-words reading of each criterion against the baseline on ``metric``, with its uncertainty."""
+    dcol = f"Δ vs {BASELINE}"
+    rows = cmp.filter(pl.col("metric") == metric) if cmp.height else cmp
+    if rows.height == 0 or BASELINE not in rows["criterion"].to_list():
+        return [f"No `{BASELINE}` baseline trials with `{metric}`: no comparison against the baseline."]
+    base = rows.filter(pl.col("criterion") == BASELINE).row(0, named=True)
+    out = []
+    for r in rows.filter(pl.col("criterion") != BASELINE).iter_rows(named=True):
+        d, se = r[dcol], r["Δ SE"]
+        if d is None or not math.isfinite(d):
+            continue
+        if r["n_seeds"] < 2 or base["n_seeds"] < 2 or se is None or not math.isfinite(se) or se == 0:
+            verdict = "uncertainty unknown (fewer than 2 seeds on a side)"
+        elif abs(d) < 2 * se:
+            verdict = f"|Δ| = {abs(d) / se:.1f} SE: no measurable difference at this number of seeds"
+        else:
+            verdict = f"|Δ| = {abs(d) / se:.1f} SE: {'lower' if d < 0 else 'higher'} than the baseline"
+        se_txt = f"{se:.2g}" if se is not None and math.isfinite(se) else "?"
+        out.append(f"`{r['criterion']}`: {r['mean']:.4g} vs `{BASELINE}` {base['mean']:.4g} "
+                   f"(Δ = {d:+.4g} ± {se_txt} SE; {r['n_seeds']} vs {base['n_seeds']} seeds) — {verdict}.")
+    return out
+
+
+def best_trials(ok: pl.DataFrame, metric: str, mode: str, n: int = 5, extra: list[str] | None = None) -> pl.DataFrame:
+    """The ``n`` best ok trials by ``metric`` (``mode`` min or max) with their criterion, seed and key metrics."""
+    cols = ["trial_id", CRITERION, SEED] + (extra or []) + [metric, EV, L0]
+    cols = list(dict.fromkeys(c for c in cols if c in ok.columns))
+    d = ok.filter(pl.col(metric).is_not_null() & pl.col(metric).is_not_nan())
+    return d.sort(metric, descending=mode == "max").head(n).select(cols)
+
+
+def letter_stats(ok: pl.DataFrame, letters: pl.DataFrame, metric: str = "mean_absorption_fraction") -> pl.DataFrame:
+    """Per (criterion, letter): trials, mean and std of the per-letter ``metric`` across trials."""
+    if letters.height == 0 or metric not in letters.columns:
+        return pl.DataFrame()
+    keys = ["trial_id", CRITERION] if CRITERION in ok.columns else ["trial_id"]
+    j = letters.join(ok.select(keys), on="trial_id", how="inner").filter(
+        pl.col(metric).is_not_null() & pl.col(metric).is_not_nan())
+    if CRITERION not in j.columns:
+        j = j.with_columns(pl.lit("all").alias(CRITERION))
+    return j.group_by([CRITERION, "letter"]).agg(
+        pl.len().alias("n_trials"), pl.col(metric).mean().alias("mean"), pl.col(metric).std(ddof=1).alias("std"),
+    ).sort(CRITERION, "letter")
+
+
+def letters_wide(stats: pl.DataFrame) -> pl.DataFrame:
+    """Letters as rows, criteria as ``mean ± std`` text columns (for the report's table)."""
+    cell = stats.with_columns(
+        pl.format("{} ± {}", pl.col("mean").round(3), pl.col("std").fill_null(0.0).round(3)).alias("cell"))
+    return cell.pivot(on=CRITERION, index="letter", values="cell").sort("letter")
+
+
+def _events_file(row: dict) -> Path | None:
+    for cand in (row.get("events_path"), row.get("trial_dir") and str(Path(row["trial_dir"]) / "events.jsonl")):
+        if cand and Path(cand).is_file():
+            return Path(cand)
+    return None
+
+
+def event_curves(ok: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Cumulative events against training tokens per trial, from the trials' events.jsonl; and how many were read.
+
+    A trial whose log is missing or unreadable is left out (logged); trials
+    that logged no event contribute a flat line at 0.
+    """
+    rows, n_read = [], 0
+    cols = [c for c in ("trial_id", CRITERION, "trainer.batch_size", "events_path", "trial_dir", "tokens_trained")
+            if c in ok.columns]
+    for r in ok.select(cols).iter_rows(named=True):
+        path = _events_file(r)
+        if path is None:
+            continue
+        try:
+            events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            steps = sorted(int(ev["step"]) for ev in events if ev.get("kind") in ("split", "resample"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable event log (%s); left out of the events figure", path, e)
+            continue
+        n_read += 1
+        bs = r.get("trainer.batch_size") or 1
+        crit = r.get(CRITERION) or "all"
+        end = r.get("tokens_trained") or (steps[-1] * bs if steps else 0)
+        pts = [(0, 0)] + [(s * bs, i + 1) for i, s in enumerate(steps)] + [(max(end, steps[-1] * bs if steps else 0), len(steps))]
+        rows += [{"trial_id": r["trial_id"], CRITERION: crit, "tokens": int(t), "cumulative": int(c)} for t, c in pts]
+    schema = {"trial_id": pl.Utf8, CRITERION: pl.Utf8, "tokens": pl.Int64, "cumulative": pl.Int64}
+    return pl.DataFrame(rows, schema=schema), n_read
