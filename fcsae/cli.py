@@ -175,12 +175,46 @@ def _run_eval(args) -> int:
 
 
 def _add_query(sub) -> None:
-    p = sub.add_parser("query", help="query a sweep's result tables with polars")
+    p = sub.add_parser(
+        "query", help="query a sweep's result tables with polars SQL or a named recipe",
+        description="Run a polars SQL query over the tables `trials` (one row per trial) and `letters` (per-letter "
+        "absorption rows) of a sweep, or one of the named recipes. Quote dotted columns: \"split.criterion\". "
+        "Examples: docs/queries.md.",
+    )
+    p.add_argument("sql", nargs="?", default=None, help="SQL over the tables trials and letters (omit with --recipe/--list)")
+    p.add_argument("--results", required=False, default=None, help="results directory (<experiment>/results) or experiment directory")
+    p.add_argument("--recipe", default=None, help="a named query: best, matched-l0, letters, failed, importance")
+    p.add_argument("--metric", default=None, help="metric column for best/matched-l0/importance (default absorption.mean_absorption_fraction)")
+    p.add_argument("--trial", default=None, help="trial_id for the letters recipe")
+    p.add_argument("--format", default="table", help="table, csv or json (default table)")
+    p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.set_defaults(func=_run_query)
 
 
 def _run_query(args) -> int:
-    raise FcsaeInputError("query: not yet implemented")
+    from fcsae import query
+
+    if args.list:
+        for name, recipe in query.RECIPES.items():
+            print(f"{name:12s} {recipe.help}")
+        return 0
+    if args.format not in ("table", "csv", "json"):
+        raise FcsaeInputError(f"--format: must be table, csv or json, got {args.format!r}")
+    if not args.results:
+        raise FcsaeInputError("--results: required (a sweep's results directory or its experiment directory)")
+    if bool(args.sql) == bool(args.recipe):
+        raise FcsaeInputError("query: give either SQL or --recipe NAME (not both); see --list")
+    if args.recipe and args.recipe not in query.RECIPES:
+        raise FcsaeInputError(f"--recipe: unknown recipe {args.recipe!r}; allowed: {', '.join(query.RECIPES)}")
+    tables = query.load_tables(args.results)
+    for problem in tables.problems:
+        print(f"fcsae: warning: skipped {problem}", file=sys.stderr)
+    if args.recipe:
+        df = query.run_recipe(tables, args.recipe, metric=args.metric or query.DEFAULT_METRIC, trial=args.trial)
+    else:
+        df = query.run_sql(tables, args.sql)
+    print(query.format_table(df, args.format), end="" if args.format != "table" else "\n")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
