@@ -116,9 +116,10 @@ def run_sql(tables: ResultTables, sql: str) -> pl.DataFrame:
 # ------------------------------------------------------------------ recipes
 
 
+BEST_COLUMNS = ["trial_id", "split.criterion", "trainer.seed", "sae.dict_size", "core.l0", "core.explained_variance"]
+"""Columns the ``best`` recipe shows, before its metric."""
 BEST_SQL = """
-SELECT trial_id, "split.criterion", "trainer.seed", "sae.dict_size", "core.l0",
-       "core.explained_variance", "{metric}"
+SELECT {columns}
 FROM trials
 WHERE status = 'ok' AND "{metric}" IS NOT NULL
 ORDER BY "{metric}" {order}
@@ -221,7 +222,8 @@ def _check_metric(tables: ResultTables, metric: str) -> None:
 
 def _best(tables, metric=DEFAULT_METRIC, **_):
     _check_metric(tables, metric)
-    return run_sql(tables, BEST_SQL.format(metric=metric, order=_order(metric)))
+    cols = ", ".join(c if c == "trial_id" else f'"{c}"' for c in dict.fromkeys([*BEST_COLUMNS, metric]))
+    return run_sql(tables, BEST_SQL.format(columns=cols, metric=metric, order=_order(metric)))
 
 
 def _matched_l0(tables, metric=DEFAULT_METRIC, **_):
