@@ -1,0 +1,251 @@
+"""fcsae-report: Pareto fronts, seed statistics, figures with labelled axes, full/partial/bad-input builds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fcsae.plotting import save_png, unlabelled_axes
+from orchestrator import report as report_mod
+from orchestrator import report_figures as figs
+from orchestrator import report_tables as rt
+from orchestrator.cli import report_main
+from orchestrator.report import build_report
+from tests._report_utils import write_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_pareto_mask_hand_checked():
+    # x = absorption (min), y = explained variance (max).
+    x = [0.10, 0.20, 0.30, 0.10, float("nan"), 0.05, 0.25, None]
+    y = [0.50, 0.90, 0.80, 0.50, 1.00, 0.10, 0.90, 0.99]
+    # (0.3, 0.8) is dominated by (0.2, 0.9); (0.25, 0.9) by (0.2, 0.9) (worse x, same y);
+    # the duplicate (0.1, 0.5) points are both on the front; NaN/None never are.
+    assert rt.pareto_mask(x, y, "min", "max") == [True, True, False, True, False, True, False, False]
+    # Both minimised: only the smallest x and the smallest y survive here.
+    assert rt.pareto_mask([1, 2, 3, 0.5], [3, 1, 2, 4], "min", "min") == [True, True, False, True]
+    assert rt.pareto_mask([], [], "min", "max") == []
+    with pytest.raises(ValueError):
+        rt.pareto_mask([1], [1], "low", "max")
+
+
+def _frame(values: dict[str, list[float]]) -> pl.DataFrame:
+    rows = []
+    for crit, vals in values.items():
+        for seed, v in enumerate(vals):
+            rows.append({"trial_id": f"{crit}{seed}", "split.criterion": crit, "trainer.seed": seed, "status": "ok",
+                         rt.ABSORPTION: v})
+    return pl.DataFrame(rows)
+
+
+def test_seed_stats_average_each_seed_first():
+    df = pl.DataFrame({"trial_id": ["a", "b", "c"], "split.criterion": ["fc"] * 3, "trainer.seed": [0, 0, 1],
+                       rt.ABSORPTION: [0.1, 0.3, 0.5]})
+    s = rt.seed_stats(df, "split.criterion", rt.ABSORPTION).row(0, named=True)
+    # seed 0 -> 0.2, seed 1 -> 0.5: mean 0.35, std across the two seed means.
+    assert s["n_trials"] == 3 and s["n_seeds"] == 2
+    assert s["mean"] == pytest.approx(0.35) and s["std"] == pytest.approx(math.sqrt(2) * 0.15)
+    assert s["se"] == pytest.approx(0.15)
+
+
+def test_comparison_reads_a_clear_effect_and_a_null_one():
+    df = _frame({"none": [0.30, 0.32, 0.31], "fc": [0.20, 0.22, 0.21], "dead": [0.31, 0.30, 0.33]})
+    cmp = rt.criterion_comparison(df, [rt.ABSORPTION])
+    fc = cmp.filter(pl.col("criterion") == "fc").row(0, named=True)
+    assert fc["Δ vs none"] == pytest.approx(-0.10)
+    assert fc["Δ SE"] == pytest.approx(math.sqrt(2 * 0.01 ** 2 / 3))
+    assert cmp.filter(pl.col("criterion") == "none")["Δ vs none"].item() is None
+    text = " ".join(rt.comparison_sentences(cmp, rt.ABSORPTION))
+    assert "`fc`" in text and "lower than the baseline" in text
+    assert "`dead`" in text and "no measurable difference" in text
+
+
+def test_comparison_without_baseline_says_so():
+    cmp = rt.criterion_comparison(_frame({"fc": [0.2, 0.3]}), [rt.ABSORPTION])
+    assert "no comparison" in rt.comparison_sentences(cmp, rt.ABSORPTION)[0]
+
+
+# ------------------------------------------------------------------ figures
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return write_sweep(tmp_path_factory.mktemp("rep") / "exp", seeds=(0, 1, 2), per_cell=2)
+
+
+def _check_axes(fig, legend: bool = True):
+    assert unlabelled_axes(fig) == []
+    for ax in fig.axes:
+        if ax.has_data():
+            assert ax.get_xlabel().strip() and ax.get_ylabel().strip()
+            if legend:
+                assert ax.get_legend() is not None
+
+
+def test_every_figure_has_labelled_axes_and_a_legend(sweep):
+    from fcsae.query import load_tables
+
+    t = load_tables(sweep)
+    ok = rt.ok_trials(t.trials)
+    mask = rt.pareto_mask(ok[rt.ABSORPTION].to_list(), ok[rt.EV].to_list(), "min", "max")
+    built = [figs.pareto_figure(ok, rt.ABSORPTION, rt.EV, mask, "min", "max"),
+             figs.categorical_effect_figure(ok, "split.criterion", [rt.ABSORPTION, rt.EV]),
+             figs.numeric_effect_figure(ok, "tracker.ema_alpha", [rt.ABSORPTION]),
+             figs.letters_figure(rt.letter_stats(ok, t.letters)),
+             figs.split_events_figure(rt.event_curves(ok)[0])]
+    for fig in built:
+        _check_axes(fig)
+        plt.close(fig)
+    fig = figs.event_counts_figure(ok)
+    _check_axes(fig, legend=False)
+    plt.close(fig)
+    # Units are in the labels.
+    fig = figs.pareto_figure(ok, rt.ABSORPTION, rt.L0, mask, "min", "min")
+    assert "active latents per token" in fig.axes[0].get_ylabel()
+    plt.close(fig)
+
+
+def test_save_png_refuses_unlabelled_axes(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    ax.set_xlabel("x (units)")
+    with pytest.raises(ValueError, match="unlabelled axes"):
+        save_png(fig, tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_event_curves_follow_the_logs(sweep):
+    from fcsae.query import load_tables
+
+    ok = rt.ok_trials(load_tables(sweep).trials)
+    curves, n = rt.event_curves(ok)
+    assert n == ok.height
+    last = curves.group_by("trial_id").agg(pl.col("cumulative").max(), pl.col("split.criterion").first())
+    assert set(last.filter(pl.col("split.criterion") == "fc")["cumulative"]) == {6}
+    assert set(last.filter(pl.col("split.criterion") == "none")["cumulative"]) == {0}
+    # Tokens are steps x batch size (256): the first fc split is at step 5.
+    fc = curves.filter((pl.col("split.criterion") == "fc") & (pl.col("cumulative") == 1))
+    assert set(fc["tokens"]) == {5 * 256}
+
+
+# ------------------------------------------------------------------ whole reports
+
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_full_report_builds(sweep, capsys):
+    out = sweep.parent / "report"
+    assert report_main([str(sweep)]) == 0
+    assert "report: " in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for heading in ("## Status", "## Best trials per objective", "## Baseline vs split criteria", "## Pareto fronts",
+                    "## Effect of each searched parameter", "## Per-letter absorption", "## Split events over training"):
+        assert heading in md
+    assert "PARTIAL" not in md and "## Problems" not in md
+    assert "19 (18 ok, 1 failed, 0 pruned) of 19 asked for" in md
+    names = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"pareto_absorption_ev.png", "pareto_absorption_l0.png", "effect_split_criterion.png",
+            "effect_sae_dict_size.png", "effect_tracker_ema_alpha.png", "letters_absorption.png", "split_events.png"} <= names
+    for p in (out / "figures").glob("*.png"):
+        _assert_png(p)
+        assert f"figures/{p.name}" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(names)
+    assert list((out / "tables").glob("*.csv"))
+    # A second run replaces the report in place and leaves no temporary directories.
+    assert report_main([str(sweep.parent)]) == 0
+    assert [p.name for p in sweep.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_partial_sweep_says_so(tmp_path, capsys):
+    results = write_sweep(tmp_path / "exp", seeds=(0, 1), num_samples=12, n_failed=0, events=False)
+    (tmp_path / "exp" / "trials" / "t999").mkdir(parents=True)  # a trial in flight: a directory, no row
+    res = build_report(results)
+    assert res.partial
+    md = res.markdown.read_text()
+    assert "**PARTIAL RESULTS**" in md and "6 (6 ok, 0 failed, 0 pruned) of 12 asked for" in md
+    assert "t999" in md
+    # Without event logs the counts from the rows are plotted instead.
+    assert "No trial's events.jsonl is reachable" in md and (res.out_dir / "figures" / "event_counts.png").exists()
+    assert report_main([str(results)]) == 0
+    assert "PARTIAL" in capsys.readouterr().out
+
+
+def test_bad_files_are_named_and_the_rest_builds(tmp_path, capsys):
+    results = write_sweep(tmp_path / "exp", seeds=(0, 1), n_failed=0)
+    (results / "zz_torn.parquet").write_bytes(b"PAR1 torn")
+    future = pa.table({"trial_id": ["f1"], "status": ["ok"]}).replace_schema_metadata({b"fcsae.schema_version": b"2.0"})
+    pq.write_table(future, results / "zz_future.parquet")
+    # A newer minor version of the same major, with an extra column: readable, its row counted.
+    cols = {"trial_id": ["m1"], "status": ["ok"], "split.criterion": ["fc"], "trainer.seed": [0], "schema_version": ["1.7"],
+            rt.ABSORPTION: [0.2], rt.EV: [0.8], "core.l0": [31.5], "new.column": [1.0]}
+    minor = pa.table(cols).replace_schema_metadata({b"fcsae.schema_version": b"1.7"})
+    pq.write_table(minor, results / "zz_minor.parquet")
+    (results / "per_letter" / "t000.parquet").write_bytes(b"broken")
+    assert report_main([str(results)]) == 0
+    captured = capsys.readouterr()
+    md = (tmp_path / "exp" / "report" / "report.md").read_text()
+    assert "## Problems" in md
+    for name in ("zz_torn.parquet", "zz_future.parquet", "per_letter/t000.parquet"):
+        assert name in md and name in captured.err
+    assert "2.0" in md and "Schema versions of the rows: 1.0, 1.7" in md
+    assert "7 (7 ok" in md  # 6 synthetic + the minor-version row
+    assert (tmp_path / "exp" / "report" / "figures" / "letters_absorption.png").exists()
+
+
+def test_a_failing_section_does_not_cost_the_others(tmp_path, monkeypatch):
+    results = write_sweep(tmp_path / "exp", seeds=(0,), n_failed=0, events=False)
+
+    def boom(ctx):
+        raise RuntimeError("planted failure")
+
+    sections = [(t, boom if t == "per-letter absorption" else f) for t, f in report_mod.SECTIONS]
+    monkeypatch.setattr(report_mod, "SECTIONS", sections)
+    res = build_report(results)
+    md = res.markdown.read_text()
+    assert "section 'per-letter absorption' could not be built: RuntimeError: planted failure" in md
+    assert "## Pareto fronts" in md and (res.out_dir / "figures" / "pareto_absorption_ev.png").exists()
+
+
+def test_nothing_to_build_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no result files" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "t0.parquet").write_bytes(b"junk")
+    assert report_main([str(bad)]) == 2
+    assert "t0.parquet" in capsys.readouterr().err
+    assert not (bad / "report").exists()
+    assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_out_dir_that_is_not_a_report_is_refused(tmp_path, capsys):
+    results = write_sweep(tmp_path / "exp", seeds=(0,), n_failed=0, events=False)
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "data.txt").write_text("mine")
+    assert report_main([str(results), "--out", str(keep)]) == 2
+    assert "--out:" in capsys.readouterr().err and (keep / "data.txt").read_text() == "mine"
+
+
+def test_default_objectives_without_sweep_json(tmp_path):
+    results = write_sweep(tmp_path / "exp", seeds=(0,), n_failed=0, events=False)
+    (tmp_path / "exp" / "sweep.json").unlink()
+    md = build_report(results).markdown.read_text()
+    assert "the number asked for is unknown" in md
+    assert "Top 5 by `absorption.mean_absorption_fraction`" in md and "Top 5 by `core.explained_variance`" in md
