@@ -171,6 +171,7 @@ def _run_shards(cfg: HarvestConfig, lm, rows_RT: torch.Tensor, out: Path, fields
             ids_N = tokens_BT[:, 1:].reshape(-1)
             if skip:
                 acts_ND, ids_N, skip = acts_ND[skip:], ids_N[skip:], 0
+            bar.update(min(acts_ND.shape[0], cfg.tokens - bar.n))
             if not torch.isfinite(acts_ND).all():
                 raise FcsaeInputError(f"store_dtype: activations overflow {cfg.store_dtype}; use bfloat16")
             pending_acts.append(acts_ND)
@@ -183,7 +184,6 @@ def _run_shards(cfg: HarvestConfig, lm, rows_RT: torch.Tensor, out: Path, fields
                 write_json(out / PROGRESS, {**fields, "shards": shards})
                 pending_acts, pending_ids = [acts_all[want:]], [ids_all[want:]]
                 n_pending -= want
-                bar.update(want)
             if len(shards) == len(sizes):
                 break
     finally:

@@ -159,6 +159,18 @@ def test_batches_deterministic_and_exact_resume(home, text_file, lm):
     assert ref[0].dtype == torch.float32 and ref[0].shape == (47, 32)
 
 
+def test_skipping_reads_only_the_needed_shards(home, text_file, lm, monkeypatch):
+    cache = ActivationCache(harvest(make_cfg(text_file, lm), lm=lm, progress=False))
+    loaded = []
+    real = ActivationCache.load_shard
+    monkeypatch.setattr(ActivationCache, "load_shard", lambda self, i: loaded.append(i) or real(self, i))
+    it = cache.batches(10, seed=0, start_batch=27, window_shards=1)  # row 270 of 300: inside the last window
+    next(it)
+    assert len(loaded) == 1  # one shard in memory, the skipped ones never read
+    windows = cache._windows(0, 0, 1)
+    assert loaded == windows[-1]
+
+
 def test_normalisation_round_trip(home, text_file, lm):
     cache = ActivationCache(harvest(make_cfg(text_file, lm, store_dtype="bfloat16"), lm=lm, progress=False))
     assert cache.store_dtype == torch.bfloat16
