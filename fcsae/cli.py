@@ -166,12 +166,52 @@ def _run_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a saved SAE (core metrics and first-letter absorption)")
+    p = sub.add_parser(
+        "eval", help="score a saved SAE (core metrics and first-letter absorption)",
+        description="Score the SAE saved in PATH (from `fcsae train` or SparseAutoencoder.save): reconstruction, "
+        "sparsity and spliced CE/KL scores on held-out text, and the first-letter absorption eval. The model, layer "
+        "and norm_scale come from PATH/../train.json and its activation cache, or from --cache, or from "
+        "--model/--layer/--norm-scale (flags win). Per-(model, layer) baselines are cached under $FCSAE_HOME/evals.",
+    )
+    p.add_argument("path", metavar="PATH", help="directory of a saved SAE (sae_weights.safetensors + cfg.json)")
+    p.add_argument("--cache", default=None, help="activation cache the SAE was trained on (gives model, layer, norm_scale)")
+    p.add_argument("--model", default=None, help="model name or directory (overrides the cache's)")
+    p.add_argument("--layer", type=int, default=None, help="residual layer (overrides the cache's)")
+    p.add_argument("--norm-scale", type=float, default=None, help="SAE input = raw activation x this (overrides the cache's)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--out", default=None, help="JSON output file (default PATH/eval.json)")
+    p.add_argument("--core-tokens", type=int, default=None, help="held-out tokens for the core metrics (default 16384)")
+    p.add_argument("--absorption-words", type=int, default=None, help="words for the first-letter probe (default 8000)")
+    p.add_argument("--skip-core", action="store_true", help="skip the core metrics")
+    p.add_argument("--skip-absorption", action="store_true", help="skip the absorption eval")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
-    raise FcsaeInputError("eval: not yet implemented")
+    import dataclasses
+    from pathlib import Path
+
+    from fcsae.config import EvalConfig, LMConfig
+    from fcsae.evals.report import eval_report, print_report, resolve_target
+    from fcsae.io import write_json
+    from fcsae.sae import SparseAutoencoder
+
+    sae_dir = Path(args.path)
+    sae = SparseAutoencoder.load(sae_dir)
+    target = resolve_target(sae_dir, cache=args.cache, model=args.model, layer=args.layer, norm_scale=args.norm_scale)
+    overrides = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
+                                   ("context_len", target.context_len)) if v is not None}
+    eval_cfg = EvalConfig(**overrides)
+    lm_cfg = LMConfig(model=target.model, layer=target.layer, device=args.device)
+    out = Path(args.out) if args.out else sae_dir / "eval.json"
+    report = eval_report(sae, lm_cfg, eval_cfg, target.norm_scale, core=not args.skip_core,
+                         absorption=not args.skip_absorption)
+    report["sae"] = str(sae_dir)
+    report["eval_config"] = dataclasses.asdict(eval_cfg)
+    write_json(out, report)
+    print_report(report)
+    print(f"wrote {out}")
+    return 0
 
 
 def _add_query(sub) -> None:

@@ -140,14 +140,15 @@ def kl_topk(topk_idx_NK: torch.Tensor, topk_logp_NK: torch.Tensor, logq_NV: torc
     full log-probs. A lower bound of the exact KL (data-processing inequality),
     equal to it when k covers the vocabulary.
     """
-    logp = topk_logp_NK.float()
-    logq = logq_NV.float().gather(1, topk_idx_NK.long())
+    # float64: the rest bucket is 1 - sum(p), a difference of nearly equal numbers.
+    logp = topk_logp_NK.double()
+    logq = logq_NV.gather(1, topk_idx_NK.long()).double()
     p = logp.exp()
     head = (p * (logp - logq)).sum(1)
     p_rest = (1 - p.sum(1)).clamp_min(0)
     q_rest = (1 - logq.exp().sum(1)).clamp_min(1e-30)
     tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
-    return head + tail
+    return (head + tail).float()
 
 
 def kl_exact(logp_NV: torch.Tensor, logq_NV: torch.Tensor) -> torch.Tensor:

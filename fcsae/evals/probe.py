@@ -100,12 +100,10 @@ def alpha_vocab(tokenizer) -> list[tuple[str, int]]:
 
 
 def _quotas(counts: list[int], n: int) -> list[int]:
-    """Per-letter sample sizes summing to ``n``: at least ``MIN_PER_LETTER`` (or all), the rest proportional."""
-    base = [min(c, MIN_PER_LETTER) for c in counts]
+    """Per-letter sample sizes summing to ``n`` (<= sum of counts): a floor of ``MIN_PER_LETTER`` (capped at n/26, or all a letter has), the rest proportional."""
+    floor = min(MIN_PER_LETTER, n // len(counts))
+    base = [min(c, floor) for c in counts]
     rest = n - sum(base)
-    if rest < 0:  # fewer words wanted than the minimums: spread evenly
-        base = [0] * len(counts)
-        rest = n
     spare = [c - b for c, b in zip(counts, base)]
     total = sum(spare)
     extra = [rest * s // total if total else 0 for s in spare]

@@ -1,0 +1,180 @@
+"""Core eval: hand-computed metrics, identity/zero SAEs through the spliced model, the baseline cache, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fcsae.config import EvalConfig, LMConfig
+from fcsae.errors import FcsaeInputError
+from fcsae.evals import core, store
+from fcsae.evals.core import ReconAccumulator, downstream_scores, kl_exact, kl_topk
+from tests._evals_utils import DenseSAE, identity_sae, write_text_corpus, zero_sae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ pure metrics
+
+
+X = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+RECON = torch.tensor([[1.0, 0.0], [1.0, 3.0]])
+LAT = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -0.5, 2.0, 0.0]])
+# By hand: residuals (0,0) and (-1,-1) -> sum 2; mean x = (0.5, 1); sum ||x - mean||^2 = 1.25 + 1.25 = 2.5.
+HAND = {
+    "explained_variance": 1 - 2 / 2.5,
+    "mse": 2 / 4,
+    "cossim": (1 + 6 / (2 * math.sqrt(10))) / 2,
+    "l2_ratio": (1 + math.sqrt(10) / 2) / 2,
+    "relative_reconstruction_bias": ((1 + 10) / 2) / ((1 + 6) / 2),
+    "l0": (1 + 2) / 2,
+    "l1": (1 + 2.5) / 2,
+    "frac_dead": 1 / 4,
+    "frac_dense": 3 / 4,
+    "n_tokens": 2,
+}
+
+
+def test_reconstruction_metrics_match_hand_computed_values():
+    acc = ReconAccumulator(2, 4)
+    acc.update(X, RECON, LAT)
+    got = acc.result()
+    for k, v in HAND.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_reconstruction_metrics_do_not_depend_on_batching():
+    acc = ReconAccumulator(2, 4)
+    acc.update(X[:1], RECON[:1], LAT[:1])
+    acc.update(X[1:], RECON[1:], LAT[1:])
+    for k, v in HAND.items():
+        assert acc.result()[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_downstream_scores_hand_computed():
+    s = downstream_scores(ce_clean=2.0, ce_sae=2.5, ce_zero=4.0, kl_sae=0.5, kl_zero=2.0)
+    assert s["ce_loss_score"] == pytest.approx(0.75)
+    assert s["kl_div_score"] == pytest.approx(0.75)
+    assert math.isnan(downstream_scores(1.0, 1.0, 1.0, 0.0, 0.0)["ce_loss_score"])
+
+
+def test_topk_kl_is_exact_with_full_vocab_and_a_lower_bound_otherwise():
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    q = torch.tensor([[0.2, 0.3, 0.5]])
+    logp, logq = p.log(), q.log()
+    exact = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(1.0) + 0.2 * math.log(0.2 / 0.5)
+    assert float(kl_exact(logp, logq)) == pytest.approx(exact, rel=1e-6)
+    full = kl_topk(torch.tensor([[0, 1, 2]]), logp, logq)
+    assert float(full) == pytest.approx(exact, abs=2e-5)  # float32 log-probs: the rest bucket is ~1e-7, not 0
+    # k=1: token 0 plus a rest bucket (p 0.5, q 0.8), computed by hand
+    coarse = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    one = kl_topk(torch.tensor([[0]]), logp[:, :1], logq)
+    assert float(one) == pytest.approx(coarse, rel=1e-5)
+    assert float(one) <= exact
+
+
+# ------------------------------------------------------------------ through a tiny model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from fcsae.lm import make_tiny_model
+
+    home = tmp_path_factory.mktemp("fcsae_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FCSAE_HOME", str(home))
+    text = write_text_corpus(home / "corpus.txt")
+    lm = make_tiny_model("llama", d_model=32, n_layers=2)
+    cfg = EvalConfig(corpus=text, core_tokens=300, context_len=32, kl_topk=8, batch_size=4)
+    yield lm, LMConfig(model="tiny", layer=0), cfg
+    mp.undo()
+
+
+def test_identity_sae_scores_one(setup):
+    lm, lmc, cfg = setup
+    m = core.evaluate_core(identity_sae(32), lmc, cfg, norm_scale=3.7, lm=lm, progress=False)
+    assert m["n_tokens"] >= cfg.core_tokens
+    assert m["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert m["cossim"] == pytest.approx(1.0, abs=1e-5)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl_div_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce_loss_zero_ablation"] != m["ce_loss_clean"]
+
+
+def test_zero_sae_scores_zero(setup):
+    lm, lmc, cfg = setup
+    m = core.evaluate_core(zero_sae(32), lmc, cfg, norm_scale=1.0, lm=lm, progress=False)
+    assert m["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["l0"] == 0 and m["frac_dead"] == 1.0
+
+
+def test_half_sae_undoes_normalisation(setup):
+    """An SAE returning half its input: with the scale undone the spliced model sees x/2, not x*s/2."""
+    lm, lmc, cfg = setup
+    half = DenseSAE(torch.eye(32), 0.5 * torch.eye(32))
+    a = core.evaluate_core(half, lmc, cfg, norm_scale=1.0, lm=lm, progress=False)
+    b = core.evaluate_core(half, lmc, cfg, norm_scale=5.0, lm=lm, progress=False)
+    assert a["ce_loss_sae"] == pytest.approx(b["ce_loss_sae"], abs=1e-5)
+    assert a["l2_ratio"] == pytest.approx(0.5, abs=1e-6)
+    assert 0 < a["ce_loss_score"] < 1
+
+
+def test_exact_kl_mode_agrees_for_identity(setup):
+    lm, lmc, cfg = setup
+    exact_cfg = EvalConfig(**{**cfg.__dict__, "kl_topk": 0})
+    m = core.evaluate_core(identity_sae(32), lmc, exact_cfg, norm_scale=1.0, lm=lm, progress=False)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
+    assert m["kl_div_zero_ablation"] == pytest.approx(m["kl_div_zero_ablation_exact"])
+
+
+def test_baseline_is_cached_and_a_corrupt_entry_is_recomputed(setup, monkeypatch):
+    lm, lmc, cfg = setup
+    first = core.prepare_core_cache(lmc, cfg, lm=lm, progress=False)
+    material = core._material(lm, lmc, cfg)
+    calls = []
+    real = core._compute_baseline
+    monkeypatch.setattr(core, "_compute_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = core.prepare_core_cache(lmc, cfg, lm=lm, progress=False)
+    assert calls == [] and torch.equal(again.ce_clean_NS, first.ce_clean_NS)
+    # flip bytes inside the tensor file: the checksum catches it and the entry is rebuilt
+    f = store.entry_dir(core.KIND, material) / store.TENSORS
+    blob = bytearray(f.read_bytes())
+    blob[-8:] = b"\x00" * 8 if blob[-8:] != b"\x00" * 8 else b"\x01" * 8
+    f.write_bytes(bytes(blob))
+    rebuilt = core.prepare_core_cache(lmc, cfg, lm=lm, progress=False)
+    assert calls == [1] and torch.equal(rebuilt.ce_clean_NS, first.ce_clean_NS)
+    # a missing meta.json (an interrupted write) is a miss too
+    (store.entry_dir(core.KIND, material) / store.META).unlink()
+    core.prepare_core_cache(lmc, cfg, lm=lm, progress=False)
+    assert calls == [1, 1]
+    meta = json.loads((store.entry_dir(core.KIND, material) / store.META).read_text())
+    assert meta["material"]["layer"] == 0
+
+
+def test_sae_width_mismatch_is_refused(setup):
+    lm, lmc, cfg = setup
+    with pytest.raises(FcsaeInputError, match="d_in=16 does not match"):
+        core.evaluate_core(identity_sae(16), lmc, cfg, norm_scale=1.0, lm=lm, progress=False)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_bad_norm_scale_is_refused(setup, scale):
+    lm, lmc, cfg = setup
+    with pytest.raises(FcsaeInputError, match="norm_scale"):
+        core.evaluate_core(identity_sae(32), lmc, cfg, norm_scale=scale, lm=lm, progress=False)
+
+
+@pytest.mark.parametrize("field,value", [("context_len", 1), ("kl_topk", -1), ("batch_size", 0), ("icl_prefixes", -2),
+                                         ("absorption_train_fraction", 1.0), ("absorption_words", 10)])
+def test_eval_config_refuses_bad_values(field, value):
+    with pytest.raises(FcsaeInputError, match=field):
+        EvalConfig(**{field: value})
