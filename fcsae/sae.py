@@ -194,8 +194,10 @@ class SparseAutoencoder(nn.Module):
         """Project out the gradient component parallel to each decoder row (keeps norms at 1 to first order)."""
         if self.W_dec.grad is None:
             return
-        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= (self.W_dec.grad * W).sum(1, keepdim=True) * W
+        W, G = self.W_dec, self.W_dec.grad
+        # G -= (<G_i, W_i> / ||W_i||^2) W_i, without [F, D] temporaries (einsum reduces row-wise).
+        coef_F = torch.einsum("fd,fd->f", G, W) / torch.einsum("fd,fd->f", W, W).clamp_min(1e-24)
+        G.addcmul_(W, coef_F[:, None], value=-1.0)
 
     # --------------------------------------------------------------- forward
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
