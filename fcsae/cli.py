@@ -180,6 +180,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--norm-scale", type=float, default=None, help="SAE input = raw activation x this (overrides the cache's)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--out", default=None, help="JSON output file (default PATH/eval.json)")
+    p.add_argument("--corpus", default=None, help="text source of the held-out tokens (default: offline)")
     p.add_argument("--core-tokens", type=int, default=None, help="held-out tokens for the core metrics (default 16384)")
     p.add_argument("--absorption-words", type=int, default=None, help="words for the first-letter probe (default 8000)")
     p.add_argument("--skip-core", action="store_true", help="skip the core metrics")
@@ -200,7 +201,7 @@ def _run_eval(args) -> int:
     sae = SparseAutoencoder.load(sae_dir)
     target = resolve_target(sae_dir, cache=args.cache, model=args.model, layer=args.layer, norm_scale=args.norm_scale)
     overrides = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
-                                   ("context_len", target.context_len)) if v is not None}
+                                   ("context_len", target.context_len), ("corpus", args.corpus)) if v is not None}
     eval_cfg = EvalConfig(**overrides)
     lm_cfg = LMConfig(model=target.model, layer=target.layer, device=args.device)
     out = Path(args.out) if args.out else sae_dir / "eval.json"

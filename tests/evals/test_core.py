@@ -178,3 +178,55 @@ def test_bad_norm_scale_is_refused(setup, scale):
 def test_eval_config_refuses_bad_values(field, value):
     with pytest.raises(FcsaeInputError, match=field):
         EvalConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ fcsae eval
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    from fcsae.config import SAEConfig
+    from fcsae.lm import save_model
+    from fcsae.sae import SparseAutoencoder
+
+    lm, _, cfg = setup
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = save_model(lm, root / "model")
+    SparseAutoencoder(SAEConfig(d_in=32, dict_size=64, k=4)).save(root / "sae32")
+    SparseAutoencoder(SAEConfig(d_in=16, dict_size=64, k=4)).save(root / "sae16")
+    return root, str(model_dir), cfg.corpus
+
+
+def _cli(*argv):
+    from fcsae.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_eval_writes_json_and_prints_a_summary(saved, capsys):
+    root, model_dir, text = saved
+    out = root / "out.json"
+    rc = _cli("eval", root / "sae32", "--model", model_dir, "--layer", 0, "--norm-scale", 2.0, "--corpus", text,
+              "--core-tokens", 200, "--skip-absorption", "--out", out)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["layer"] == 0 and report["norm_scale"] == 2.0
+    assert 0 <= report["core"]["l0"] <= 4 and "ce_loss_score" in report["core"]
+    assert "explained_variance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,argv,message", [
+    ("width", ["sae16", "--layer", "0", "--norm-scale", "1"], "d_in=16 does not match"),
+    ("unknown", ["sae32"], "cannot tell the SAE's model, layer, norm_scale"),
+    ("no-sae", ["nothing", "--layer", "0", "--norm-scale", "1"], "no such file"),
+    ("words", ["sae32", "--layer", "0", "--norm-scale", "1", "--skip-core"], "single-token words"),
+])
+def test_cli_eval_bad_input_exits_2_and_writes_nothing(saved, capsys, case, argv, message):
+    root, model_dir, text = saved
+    argv = [root / argv[0], *argv[1:]]
+    if case != "unknown":
+        argv += ["--model", model_dir]
+    out = root / f"{case}.json"
+    assert _cli("eval", *argv, "--corpus", text, "--core-tokens", 200, "--out", out) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
