@@ -438,6 +438,15 @@ def hf_model_copy(lm: LoadedModel):
     if missing:
         raise RuntimeError(f"cannot map bridge weights back to HF names, e.g. {missing[0]}")
     fresh.load_state_dict({k: raw[k].detach().clone() for k in fresh.state_dict()}, assign=True)
+    # Non-persistent buffers (rotary inv_freq) are not in state_dict and still on meta.
+    buffers = {k.replace("._original_component", "").replace("_original_component.", ""): v
+               for k, v in lm.model.original_model.named_buffers()}
+    for name, buf in list(fresh.named_buffers()):
+        if buf.is_meta:
+            if name not in buffers:
+                raise RuntimeError(f"cannot map bridge buffer {name} back to the HF model")
+            module, _, attr = name.rpartition(".")
+            setattr(fresh.get_submodule(module), attr, buffers[name].detach().clone())
     fresh.tie_weights()
     return fresh.eval()
 

@@ -4,11 +4,11 @@ For each single-token word (a leading space + ASCII letters), build the prompt
 
     <bos>[\\n {ex} has the first letter: {EX}] x icl  \\n {word}
 
-with ``icl`` random in-context examples (the target's own " has the first
-letter:" is not run: it comes after the word and cannot change the word's
-residual in a causal model), read the residual stream at the
-word's token from every candidate layer in one forward pass (stopping at the
-deepest), and train a standardised multinomial logistic probe per layer to
+with ``icl`` random in-context examples shared by a group of words (the
+prefix runs once into a KV cache; the target's own " has the first letter:"
+is not run: it comes after the word and cannot change the word's residual in
+a causal model), read the residual stream at the word's token from every
+candidate layer in one forward pass (stopping at the deepest), and train a standardised multinomial logistic probe per layer to
 predict the word's first letter. A letter passes when its test F1 > 0.6
 (SAEBench's cut); only letters with >= 5 test words count. Also times a bare
 forward pass up to each candidate layer (what harvesting costs per token).
@@ -38,12 +38,12 @@ SUFFIX = " has the first letter:"
 
 
 class Prompts(NamedTuple):
-    """Token ids of all prompts (same length) and the probe target of each."""
+    """Prompt groups that share an in-context prefix, and the probe target of each word."""
 
-    tokens_NT: torch.Tensor
+    groups: list[tuple[list[int], list[int]]]  # (prefix ids, indices into words) per group
+    suffixes: list[list[int]]  # per word: "\n" + the word's token
     letters: np.ndarray  # [N] ints 0..25
     words: list[str]
-    word_pos: int  # position of the target word's token
 
 
 def single_token_words(tokenizer) -> dict[str, int]:
@@ -60,40 +60,80 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_prompts(tokenizer, words: dict[str, int], n_words: int, icl: int, seed: int) -> Prompts:
-    """Sample ``n_words`` target words and build equal-length prompts with ``icl`` random examples each."""
+def build_prompts(tokenizer, words: dict[str, int], n_words: int, icl: int, group: int, seed: int) -> Prompts:
+    """Sample ``n_words`` target words; each group of ``group`` words shares one random ``icl``-example prefix."""
     rng = np.random.default_rng(seed)
     vocab = sorted(words)
     chosen = [vocab[i] for i in rng.choice(len(vocab), size=min(n_words, len(vocab)), replace=False)]
     nl, suffix = _ids(tokenizer, "\n"), _ids(tokenizer, SUFFIX)
     letter_ids = {c: _ids(tokenizer, " " + c.upper()) for c in "abcdefghijklmnopqrstuvwxyz"}
-    # Equal lengths (no padding) need every piece to be a fixed number of tokens.
-    assert all(len(v) == 1 for v in letter_ids.values()), "letter answers must be single tokens"
-    bos = [tokenizer.bos_token_id]
-    rows, letters = [], []
-    for w in chosen:
-        row = list(bos)
+    groups = []
+    for start in range(0, len(chosen), group):
+        prefix = [tokenizer.bos_token_id]
         for ex in rng.choice(len(vocab), size=icl, replace=False):
             e = vocab[ex]
-            row += nl + [words[e]] + suffix + letter_ids[e[1].lower()]
-        # The target's own suffix (" has the first letter:") comes after the word and,
-        # the model being causal, cannot change the residual at the word: leave it out.
-        row += nl + [words[w]]
-        rows.append(row)
-        letters.append(ord(w[1].lower()) - ord("a"))
-    word_pos = len(rows[0]) - 1
-    return Prompts(torch.tensor(rows), np.array(letters), chosen, word_pos)
+            prefix += nl + [words[e]] + suffix + letter_ids[e[1].lower()]
+        groups.append((prefix, list(range(start, min(start + group, len(chosen))))))
+    # The target's own " has the first letter:" comes after the word and, the model
+    # being causal, cannot change the residual at the word: it is not run.
+    suffixes = [nl + [words[w]] for w in chosen]
+    letters = np.array([ord(w[1].lower()) - ord("a") for w in chosen])
+    return Prompts(groups, suffixes, letters, chosen)
 
 
-def collect(lm: L.LoadedModel, prompts: Prompts, layers: list[int], batch: int) -> dict[int, np.ndarray]:
-    """Residuals at the word token for every layer, one forward per batch stopping at the deepest layer."""
-    feats = {layer: [] for layer in layers}
-    n = len(prompts.tokens_NT)
-    for start in tqdm(range(0, n, batch), desc=f"{lm.name} prompts", unit="batch"):
-        res = L.resids_at(lm, prompts.tokens_NT[start:start + batch], layers)
+class _Stop(Exception):
+    """Raised once the deepest wanted layer has run: nothing above it is needed."""
+
+
+def _run_layers(hf, ids_BT: torch.Tensor, cache, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Run the plain HF model on ``ids_BT`` after ``cache``; decoder-layer outputs (= hook_resid_post) for ``layers``."""
+    got, handles = {}, []
+    blocks = hf.base_model.layers
+    for layer in layers:
+        def hook(_m, _i, out, layer=layer):
+            got[layer] = out[0] if isinstance(out, tuple) else out
+            if layer == layers[-1]:
+                raise _Stop
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        hf.base_model(input_ids=ids_BT, cache=cache, use_cache=True)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@torch.no_grad()
+def collect(lm: L.LoadedModel, prompts: Prompts, layers: list[int]) -> dict[int, np.ndarray]:
+    """Residuals at the word token for every layer.
+
+    Each group's prefix runs once (batch 1) into a KV cache that is repeated
+    for the group's words, so a word costs 2 tokens, not the whole prompt; the
+    pass stops at the deepest layer. The first group is checked against whole
+    prompts through the TransformerLens hook (``lm.resids_at``).
+    """
+    from transformers import DynamicCache
+
+    hf = L.hf_model_copy(lm)
+    feats = {layer: np.zeros((len(prompts.words), lm.d_model), np.float32) for layer in layers}
+    for g, (prefix, members) in enumerate(tqdm(prompts.groups, desc=f"{lm.name} prompt groups")):
+        cache = DynamicCache(config=hf.config)
+        _run_layers(hf, torch.tensor([prefix]), cache, layers)
+        cache.batch_repeat_interleave(len(members))
+        out = _run_layers(hf, torch.tensor([prompts.suffixes[i] for i in members]), cache, layers)
         for layer in layers:
-            feats[layer].append(res[layer][:, prompts.word_pos].float().numpy())
-    return {layer: np.concatenate(v) for layer, v in feats.items()}
+            feats[layer][members] = out[layer][:, -1].float().numpy()
+        if g == 0:
+            whole = torch.tensor([prefix + prompts.suffixes[i] for i in members[:4]])
+            ref = L.resids_at(lm, whole, layers)
+            for layer in layers:
+                a, b = torch.from_numpy(feats[layer][members[:4]]), ref[layer][:, -1].float()
+                rel = float((a - b).norm() / b.norm())
+                log.info("L%d: KV-cached vs whole-prompt hook activations, relative difference %.1e", layer, rel)
+                assert rel < 1e-3, f"KV-cached activations disagree with the hook at layer {layer}: {rel:.1e}"
+    return feats
 
 
 def probe(X: np.ndarray, y: np.ndarray, seed: int, min_test: int = 5, f1_min: float = 0.6) -> dict:
@@ -143,10 +183,11 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer indices")
     p.add_argument("--words", type=int, default=8000)
-    p.add_argument("--icl", type=int, default=2, help="in-context examples per prompt")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--icl", type=int, default=10, help="in-context examples per prompt")
+    p.add_argument("--group", type=int, default=64, help="words sharing one in-context prefix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--time", action="store_true", help="also time a bare forward pass up to each layer (needs a quiet machine)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -156,30 +197,35 @@ def main() -> None:
     t0 = time.perf_counter()
     lm = L.load_model(args.model)
     words = single_token_words(lm.tokenizer)
-    prompts = build_prompts(lm.tokenizer, words, args.words, args.icl, args.seed)
-    log.info("%d single-token words in the vocabulary, %d prompts of %d tokens", len(words), len(prompts.words), prompts.tokens_NT.shape[1])
-    log.info("first prompt: %r", lm.tokenizer.decode(prompts.tokens_NT[0]))
+    prompts = build_prompts(lm.tokenizer, words, args.words, args.icl, args.group, args.seed)
+    prefix0, members0 = prompts.groups[0]
+    n_tok = len(prompts.groups) * len(prefix0) + 2 * len(prompts.words)
+    log.info("%d single-token words in the vocabulary, %d prompts, %d groups, %d tokens run", len(words), len(prompts.words),
+             len(prompts.groups), n_tok)
+    log.info("first prompt: %r", lm.tokenizer.decode(prefix0 + prompts.suffixes[members0[0]]))
     t1 = time.perf_counter()
-    feats = collect(lm, prompts, layers, args.batch)
+    feats = collect(lm, prompts, layers)
     t_collect = time.perf_counter() - t1
-    log.info("collected %d layers in %.0f s (%.0f prompt tok/s)", len(layers), t_collect, prompts.tokens_NT.numel() / t_collect)
-    speed = time_forward(lm, layers)
+    log.info("collected %d layers in %.0f s", len(layers), t_collect)
+    speed = time_forward(lm, layers) if args.time else {}
     results = {}
     for layer in layers:
         t2 = time.perf_counter()
-        results[layer] = probe(feats[layer], prompts.letters, args.seed) | {"fwd_tok_s": round(speed[layer], 1)}
+        results[layer] = probe(feats[layer], prompts.letters, args.seed) | {
+            "blocks_frac": round((layer + 1) / lm.n_layers, 3), "fwd_tok_s": round(speed[layer], 1) if speed else None}
         r = results[layer]
-        log.info("L%d: macro F1 %.3f, pass %d/%d, fwd %.0f tok/s (probe %.0f s)", layer, r["macro_f1"], r["n_pass"], r["n_eligible"],
-                 speed[layer], time.perf_counter() - t2)
+        log.info("L%d: macro F1 %.3f, pass %d/%d (probe %.0f s)", layer, r["macro_f1"], r["n_pass"], r["n_eligible"],
+                 time.perf_counter() - t2)
     summary = {"model": args.model, "n_layers": lm.n_layers, "vocab_words": len(words), "n_words": len(prompts.words),
-               "icl": args.icl, "prompt_len": int(prompts.tokens_NT.shape[1]), "seed": args.seed,
+               "icl": args.icl, "group": args.group, "prompt_len": len(prefix0) + 2 + len(_ids(lm.tokenizer, SUFFIX)), "seed": args.seed,
                "collect_s": round(t_collect, 1), "total_s": round(time.perf_counter() - t0, 1),
                "layers": {str(k): v for k, v in results.items()}}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"| {args.model} layer | macro F1 | letters F1>0.6 | fwd tok/s to layer |")
-    print("|---|---|---|---|")
+    print(f"| {args.model} layer | macro F1 | letters F1>0.6 | blocks run per token | fwd tok/s to layer |")
+    print("|---|---|---|---|---|")
     for layer, r in results.items():
-        print(f"| L{layer} | {r['macro_f1']:.2f} | {r['n_pass']}/{r['n_eligible']} | {r['fwd_tok_s']:.0f} |")
+        tok_s = f"{r['fwd_tok_s']:.0f}" if r["fwd_tok_s"] else "-"
+        print(f"| L{layer} | {r['macro_f1']:.2f} | {r['n_pass']}/{r['n_eligible']} | {layer + 1}/{lm.n_layers} | {tok_s} |")
 
 
 if __name__ == "__main__":

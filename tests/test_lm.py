@@ -104,6 +104,19 @@ def test_save_and_load_local_dir(tiny, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
 
 
+def test_hf_model_copy_matches_bridge(tiny):
+    hf = L.hf_model_copy(tiny)
+    assert not any(t.is_meta for t in list(hf.parameters()) + list(hf.buffers()))
+    toks = _tokens(tiny)
+    with torch.no_grad():
+        hidden = hf(toks, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden[1], L.resid_at(tiny, toks, 0))
+    # A copy, not a view: changing it leaves the bridge alone.
+    with torch.no_grad():
+        next(hf.parameters()).add_(1.0)
+    torch.testing.assert_close(L.resid_at(tiny, toks, 0), hidden[1])
+
+
 def test_load_bfloat16(tiny, tmp_path):
     path = L.save_model(tiny, tmp_path / "tiny")
     back = L.load_model(str(path), dtype="bfloat16")
