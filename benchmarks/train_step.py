@@ -18,7 +18,7 @@ with a note if that interpreter is missing.
 The floor is one dense encoder matmul ``x @ W_enc`` per step: a TopK step
 cannot avoid it, so ``fast / floor`` says how much is left to win.
 
-Usage: ``python benchmarks/train_step.py [--rounds 3] [--steps 2] [--quick]``.
+Usage: ``python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads N] [--quick]``.
 Last line: ``train_step: ratio=X.XX (target >= 2.0 vs dense)`` at the large size.
 """
 
@@ -55,7 +55,8 @@ from safetensors.torch import load_file
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 data = load_file(sys.argv[1])["x"]
-d_in, d_sae, k, batch, steps = (int(a) for a in sys.argv[2:7])
+d_in, d_sae, k, batch, steps, threads = (int(a) for a in sys.argv[2:8])
+torch.set_num_threads(threads)
 torch.manual_seed(0)
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu"))
 opt = torch.optim.Adam(sae.parameters(), lr=4e-4, betas=(0.9, 0.999))
@@ -114,7 +115,8 @@ def _time_floor(data_ND: torch.Tensor, W_enc_DF: torch.Tensor, batch: int, steps
 def _time_saelens(python: str, data_file: Path, size: tuple, steps: int) -> list[float] | None:
     if not Path(python).exists():
         return None
-    res = subprocess.run([python, "-c", SAELENS_SCRIPT, str(data_file), *map(str, size), str(steps)],
+    res = subprocess.run([python, "-c", SAELENS_SCRIPT, str(data_file), *map(str, size), str(steps),
+                          str(torch.get_num_threads())],
                          capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         print(f"  SAELens step failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -158,8 +160,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per implementation per round (default 2)")
     p.add_argument("--quick", action="store_true", help="small size only (the headline then uses it)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation (default: torch's)")
     p.add_argument("--saelens-python", default=os.environ.get("SAELENS_PYTHON", "/tmp/saelens-venv/bin/python"))
     args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}",
           flush=True)
     if not Path(args.saelens_python).exists():

@@ -357,6 +357,16 @@ class Trainer:
         self.generator.set_state(take("state.rng"))
 
 
+class LogMetrics:
+    """Callback that logs each metrics dict through ``logging`` (used by ``fcsae train``)."""
+
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step",)))
+
+    def on_event(self, event: dict) -> None:
+        log.debug("event %s", event)
+
+
 class _CheckpointCallback:
     """Saves the trainer's state to ``path`` whenever the loop asks for a checkpoint."""
 
