@@ -11,11 +11,13 @@ i in two:
 2. latent i takes the centroid closer in direction to its current decoder row,
    a recycled latent j (dead first, else the least frequent one, never a latent
    selected in this event) takes the other;
-3. decoder rows = unit centroid directions; encoder columns = the same
-   directions scaled to latent i's encoder norm, encoder biases = latent i's
-   bias (both halves inherit i's scale, so a TopK SAE keeps selecting them;
-   the classic 0.2 x mean-norm would make an alive latent's halves too weak to
-   enter the top k);
+3. decoder rows = unit centroid directions; encoder columns and biases from
+   ``split_encoders``: each half fires on its own group's side of the other
+   centroid, with its own centroid's projection as activation. Plain centroid
+   directions as encoders (the first version, like classic resampling but at
+   latent i's norm) fired both halves on shared components and raised a small
+   toy run's FVU from 0.64 to ~1.3; the classic 0.2 x mean norm makes an alive
+   latent's halves too weak to enter a TopK SAE's top k;
 4. Adam moments (``fcsae.resample.reset_adam_rows``) and tracker statistics of
    i and j are reset.
 
@@ -195,25 +197,59 @@ def recycle_order(dead_F: torch.Tensor, freq_F: torch.Tensor, selected: torch.Te
     return ids[torch.sort(key, stable=True).indices].tolist()
 
 
+class SplitEncoders(NamedTuple):
+    """Encoder columns and biases of the two halves of a split."""
+
+    W_2D: torch.Tensor
+    """Encoder direction of each half (rows)."""
+    b_2: torch.Tensor
+    """Encoder bias of each half."""
+
+
+def split_encoders(cent_2D: torch.Tensor) -> SplitEncoders:
+    """Encoders that fire each half on its own group only, at the magnitude its unit decoder row needs.
+
+    With ``p_g`` the part of centroid ``c_g`` orthogonal to the other centroid,
+    scaled so that ``p_g . c_g = ||c_g||``, half g gets ``W = 2 p_g`` and
+    ``b = -||c_g||``: its pre-activation is ``||c_g||`` on its own centroid
+    (the projection a unit decoder row needs), ``-||c_g||`` on the other
+    centroid and on the SAE's origin, so it is off there. (Plain centroid
+    directions with zero bias fired both halves on shared components, e.g. a
+    parent direction, and on unrelated inputs, and over-reconstructed.)
+    Falls back to the centroid direction when the two centroids are parallel.
+    """
+    rows, biases = [], []
+    for g in (0, 1):
+        c, o = cent_2D[g], cent_2D[1 - g]
+        perp = c - (c @ o) / (o @ o).clamp_min(1e-12) * o
+        if perp.norm() < 1e-3 * c.norm():
+            perp = c
+        rows.append(2.0 * perp * c.norm() / (perp @ c).clamp_min(1e-12))
+        biases.append(-c.norm())
+    return SplitEncoders(torch.stack(rows), torch.stack(biases))
+
+
 @torch.no_grad()
 def apply_split(ctx, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
     """Point ``lat`` and ``partner`` at the two centroids; reset their Adam moments and tracker statistics.
 
+    Decoder rows are the unit centroid directions, encoder columns and biases
+    come from ``split_encoders``.
     Returns the group sizes as (``lat``'s group, ``partner``'s group).
     """
     from fcsae.resample import reset_adam_rows  # the trainer's module; imported late to keep import order simple
 
     sae = ctx.sae
-    unit_2D = km.centroids_2D / km.centroids_2D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cent_2D = km.centroids_2D.float()
+    unit_2D = cent_2D / cent_2D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    enc = split_encoders(cent_2D)
     own = sae.W_dec[lat] / sae.W_dec[lat].norm().clamp_min(1e-12)
-    mine = int((unit_2D @ own).argmax())  # keep the half closest to what the latent already is
+    mine = int((unit_2D @ own.float()).argmax())  # keep the half closest to what the latent already is
     other = 1 - mine
-    enc_norm = sae.W_enc[:, lat].norm()
-    bias = sae.b_enc[lat].clone()
     for latent_id, g in ((lat, mine), (partner, other)):
         sae.W_dec[latent_id] = unit_2D[g].to(sae.W_dec.dtype)
-        sae.W_enc[:, latent_id] = (unit_2D[g] * enc_norm).to(sae.W_enc.dtype)
-        sae.b_enc[latent_id] = bias
+        sae.W_enc[:, latent_id] = enc.W_2D[g].to(sae.W_enc.dtype)
+        sae.b_enc[latent_id] = enc.b_2[g].to(sae.b_enc.dtype)
     reset_adam_rows(ctx.optimizer, sae, [lat, partner])
     ctx.tracker.reset([lat, partner])
     return km.sizes[mine], km.sizes[other]
