@@ -81,6 +81,11 @@ def load_tracked_sae(sae_dir: str | Path) -> TrackedSAE:
 
 def latent_roles(dict_size: int, main: Iterable[int] = (), absorbers: Iterable[int] = ()) -> list[str]:
     """Role per latent: ``absorber``, ``main`` or ``other`` (absorber wins when a latent is both)."""
+    main, absorbers = [int(i) for i in main], [int(i) for i in absorbers]
+    bad = [i for i in main + absorbers if not 0 <= i < dict_size]
+    if bad:
+        raise FcsaeInputError(f"latent ids {sorted(set(bad))[:5]} are outside [0, {dict_size}): "
+                              "the absorption table belongs to another SAE")
     roles = ["other"] * dict_size
     for i in main:
         roles[int(i)] = "main"

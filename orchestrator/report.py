@@ -214,9 +214,45 @@ def _events(ctx: Context) -> list[Block]:
                      Block("figure", path, "Split and resample events per trial")]
 
 
+def _fc_patterns(ctx: Context) -> list[Block]:
+    """f_i vs c_i of the best trial per criterion whose saved SAE carries tracker state (main latents from its letters)."""
+    from fcsae.analysis import fc_scatter_figure, latent_roles, latent_table, load_tracked_sae, main_latents
+
+    blocks = [Block("h2", "Frequency-consistency patterns")]
+    if not {"sae_path", rt.CRITERION} <= set(ctx.ok.columns) or not rt.metric_present(ctx.ok, rt.ABSORPTION):
+        return blocks + [Block("p", "No saved SAEs or no absorption results in the rows.")]
+    shown, skipped = 0, 0
+    for crit in figs._groups(ctx.ok, rt.CRITERION):
+        best = rt.best_trials(ctx.ok.filter(pl.col(rt.CRITERION) == crit), rt.ABSORPTION, "min", n=1)
+        if best.height == 0:
+            continue
+        tid = best["trial_id"].item()
+        sae_path = ctx.ok.filter(pl.col("trial_id") == tid)["sae_path"].item()
+        if not sae_path or not Path(sae_path).is_dir():
+            skipped += 1
+            continue
+        try:
+            t = load_tracked_sae(sae_path)
+        except FcsaeInputError:  # no tracker state (e.g. criterion none without tracker.enabled)
+            skipped += 1
+            continue
+        letters = ctx.tables.letters.filter(pl.col("trial_id") == tid)
+        table = latent_table(t.tracker.scores(), latent_roles(t.sae.cfg.dict_size, main_latents(letters)))
+        fig = fc_scatter_figure(table, f"{crit}: trial {tid} (lowest absorption of its criterion)")
+        path = save_png(fig, ctx.out / "figures" / f"fc_scatter_{re.sub(r'[^A-Za-z0-9_]', '_', crit)}.png")
+        blocks.append(Block("figure", path, f"f_i vs c_i, `{crit}` trial `{tid}`; blue = the letters' main latents"))
+        shown += 1
+    if not shown:
+        return blocks + [Block("p", f"No best-per-criterion trial has a reachable SAE with tracker state ({skipped} checked).")]
+    if skipped:
+        blocks.append(Block("p", f"{skipped} criteria's best trials have no reachable SAE with tracker state."))
+    return blocks
+
+
 SECTIONS: list[tuple[str, Callable[[Context], list[Block]]]] = [
     ("status", _status), ("best trials", _best), ("criteria comparison", _comparison), ("Pareto fronts", _pareto),
     ("parameter effects", _effects), ("per-letter absorption", _letters), ("split events", _events),
+    ("frequency-consistency patterns", _fc_patterns),
 ]
 
 

@@ -45,7 +45,7 @@ def trial_row(i: int, criterion: str, seed: int, rng: np.random.Generator, exp: 
         "objective": absorption, "absorption.mean_absorption_fraction": absorption,
         "absorption.mean_full_absorption": absorption / 3, "core.explained_variance": ev,
         "core.l0": 32.0 - abs(rng.normal(0, 0.3)), "core.mse": 1 - ev, "n_split_events": n_split, "n_resample_events": n_res,
-        "events_path": str(exp / "trials" / tid / "events.jsonl"),
+        "events_path": str(exp / "trials" / tid / "events.jsonl"), "sae_path": str(exp / "trials" / tid / "sae"),
     })
     return row
 

@@ -31,6 +31,8 @@ def _one_thread():
 def test_latent_roles_absorber_wins():
     roles = analysis.latent_roles(6, main=[1, 2, 5], absorbers=[2, 4])
     assert roles == ["other", "main", "absorber", "other", "absorber", "main"]
+    with pytest.raises(FcsaeInputError, match="another SAE"):
+        analysis.latent_roles(6, main=[6])
 
 
 def test_main_latents_from_per_letter_table():

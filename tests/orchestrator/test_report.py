@@ -249,3 +249,33 @@ def test_default_objectives_without_sweep_json(tmp_path):
     md = build_report(results).markdown.read_text()
     assert "the number asked for is unknown" in md
     assert "Top 5 by `absorption.mean_absorption_fraction`" in md and "Top 5 by `core.explained_variance`" in md
+
+
+def _save_tracked_sae(path: Path, seed: int) -> None:
+    import torch
+
+    from fcsae.config import SAEConfig, TrackerConfig
+    from fcsae.sae import SparseAutoencoder
+    from fcsae.tracker import FrequencyConsistencyTracker
+
+    sae = SparseAutoencoder(SAEConfig(d_in=8, dict_size=32, activation="topk", k=2), seed=seed)
+    tracker = FrequencyConsistencyTracker(TrackerConfig(enabled=True), 32, 8)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        tracker.update(sae(x), x)
+    sae.save(path, extra_tensors={f"tracker.{k}": v for k, v in tracker.state_dict().items()})
+
+
+def test_fc_patterns_of_trials_with_tracker_state(tmp_path):
+    results = write_sweep(tmp_path / "exp", seeds=(0, 1), n_failed=0, events=False)
+    from fcsae.query import load_tables
+
+    trials = load_tables(results).trials
+    for r in trials.filter(pl.col("split.criterion") == "fc").iter_rows(named=True):
+        _save_tracked_sae(Path(r["sae_path"]), seed=int(r["trainer.seed"]))
+    res = build_report(results)
+    md = res.markdown.read_text()
+    assert "## Frequency-consistency patterns" in md
+    assert (res.out_dir / "figures" / "fc_scatter_fc.png").exists()
+    assert not (res.out_dir / "figures" / "fc_scatter_none.png").exists()
+    assert "2 criteria's best trials have no reachable SAE with tracker state" in md
