@@ -138,6 +138,19 @@ def absorber_counts(sae, data, per_letter: pl.DataFrame, norm_scale: float) -> d
     return counts
 
 
+def absorbers_from_eval(sae, lm_cfg, eval_cfg, norm_scale: float, per_letter: pl.DataFrame, lm=None) -> dict[int, int]:
+    """``absorber_counts`` on the absorption eval's cached probe data for (model, layer, eval config).
+
+    Use the ``EvalConfig`` the per-letter table was computed with (a sweep's
+    ``eval.*`` columns): the cache entry is then a hit, and the main latents
+    match the probe words.
+    """
+    from fcsae.evals.absorption import prepare_absorption_cache
+
+    data = prepare_absorption_cache(lm_cfg, eval_cfg, lm=lm, progress=False)
+    return absorber_counts(sae, data, per_letter, norm_scale)
+
+
 def latent_table(scores, roles: list[str] | None = None) -> pl.DataFrame:
     """One row per latent: ``latent``, ``freq``, ``consistency``, ``score``, ``count``, ``role`` (from ``TrackerScores``)."""
     n = scores.freq_F.shape[0]

@@ -175,3 +175,31 @@ def test_toy_run_labels_latents_by_ground_truth():
     assert 0 < n_main + n_abs <= cfg.n_groups + 32  # parents that got a latent, plus the absorbers found
     assert res.snapshots["step"].to_list() == [10, 20, 30, 40]
     assert all(math.isfinite(v) for v in res.table["score"].to_list())
+
+
+@pytest.mark.slow
+def test_absorbers_agree_with_the_eval_on_a_tiny_model(tmp_path, monkeypatch):
+    """On the real eval path (tiny random model): absorbers exist exactly for letters the eval scores as absorbed."""
+    from fcsae.config import EvalConfig, LMConfig
+    from fcsae.evals import absorption
+    from fcsae.lm import make_tiny_model
+    from tests._evals_utils import DenseSAE
+
+    monkeypatch.setenv("FCSAE_HOME", str(tmp_path))
+    lm = make_tiny_model("llama", d_model=32, n_layers=2)
+    lmc = LMConfig(model="tiny", layer=1)
+    cfg = EvalConfig(absorption_words=120, icl_examples=3, icl_prefixes=4, probe_f1_min=0.0, max_k=3, batch_size=2)
+    g = torch.Generator().manual_seed(0)
+    sae = DenseSAE(torch.randn(32, 48, generator=g), torch.randn(48, 32, generator=g), relu=True)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)  # fcsae SAEs keep unit decoder rows
+    res = absorption.evaluate_absorption(sae, lmc, cfg, 1.0, lm=lm, progress=False)
+    counts = analysis.absorbers_from_eval(sae, lmc, cfg, 1.0, res.per_letter, lm=lm)
+    absorbed = res.per_letter.filter(pl.col("mean_absorption_fraction") > 0)
+    assert absorbed.height > 0 and bool(counts)  # a random SAE absorbs: the check below is not vacuous
+    assert all(0 <= i < 48 for i in counts)
+    for row in res.per_letter.iter_rows(named=True):
+        one = analysis.absorber_counts(sae, absorption.prepare_absorption_cache(lmc, cfg, lm=lm, progress=False),
+                                       pl.DataFrame([row]), 1.0)
+        assert not set(one) & set(row["main_latents"])  # a letter's main latents never absorb it
+        assert bool(one) == ((row["mean_absorption_fraction"] or 0) > 0)
