@@ -13,10 +13,13 @@ Prompts follow SAEBench: ``"\\n{word} has the first letter: {L}"`` repeated for
 for the target; the activation is read at the target word's token.
 
 Cost: SAEBench draws fresh examples for every prompt, so 8,000 prompts are
-~700k tokens through the model (~7-10 minutes here). Instead the prompts
+~700k tokens through the model (~7-10 minutes here). Two cuts, neither of
+which changes an activation: tokens after the target word are never run (a
+causal model's activation at the word cannot depend on them), and the prompts
 share ``icl_prefixes`` distinct prefixes per split: each prefix runs once, its
-KV cache is copied across the batch, and only the 7 suffix tokens of each
-prompt run (up to the probed layer). A word never appears among its own
+KV cache is copied across the batch, and only ``"\\n"`` + the word run per
+prompt, up to the probed layer. Sharing prefixes does change the prompts
+(fewer distinct contexts than SAEBench's one per word). A word never appears among its own
 prefix's examples. docs/evals.md measures the effect on probe F1 against
 fresh per-prompt prefixes (``icl_prefixes=0``, the reference path, which runs
 whole prompts through the TransformerLens hook). On the first prefix the
@@ -172,8 +175,13 @@ def prefix_ids(parts: PromptParts, examples: list[tuple[int, int]]) -> list[int]
 
 
 def suffix_ids(parts: PromptParts, tid: int) -> list[int]:
-    """``\\n{word} has the first letter:``; the word sits at index ``len(parts.sep)``."""
-    return parts.sep + [tid] + parts.template
+    """The target prompt's tail up to its word: ``\\n{word}`` (the word is the last token).
+
+    The prompt goes on with ``" has the first letter:"``, but in a causal
+    model tokens after the word cannot change the activation at the word, so
+    they are never run: the activations equal those of the full prompt.
+    """
+    return parts.sep + [tid]
 
 
 def _groups(idx: list[int], vocab: Vocab, n_groups: int, n_examples: int, rng: random.Random):
@@ -299,7 +307,7 @@ def collect_acts(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig, vocab: Vocab, train
     idx = [i for i, t in enumerate(vocab.is_train) if t == train]
     groups = _groups(idx, vocab, eval_cfg.icl_prefixes, eval_cfg.icl_examples, rng)
     word_pos = len(parts.sep)
-    suffix_len = len(parts.sep) + 1 + len(parts.template)
+    suffix_len = len(parts.sep) + 1
     name = "train" if train else "test"
     if eval_cfg.icl_prefixes > 0:
         acts, order = [], []
@@ -355,6 +363,7 @@ def train_probe(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.nda
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score, precision_score, recall_score
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     scaler = StandardScaler().fit(x_train_ND)
     xs = scaler.transform(x_train_ND)
@@ -366,7 +375,9 @@ def train_probe(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.nda
         row = {"letter": LETTERS[letter], "n_train": int(y.sum()), "n_test": int((y_test_N == letter).sum()),
                "f1": 0.0, "precision": 0.0, "recall": 0.0}
         if 0 < y.sum() < len(y):
-            clf = LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed).fit(xs, y)
+            # small problems: extra BLAS threads only add contention on a shared machine
+            with threadpool_limits(limits=1, user_api="blas"):
+                clf = LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed).fit(xs, y)
             W[letter] = clf.coef_[0] / scaler.scale_
             b[letter] = clf.intercept_[0] - float((clf.coef_[0] * scaler.mean_ / scaler.scale_).sum())
             pred = (x_test_ND @ W[letter] + b[letter]) > 0

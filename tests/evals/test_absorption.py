@@ -168,6 +168,9 @@ def test_kv_cached_prompts_equal_whole_prompts(arch):
     kv = probe._acts_kv(probe.plain_hf_model(lm), 1, prefix, suffixes, pos, batch=2)
     full = probe._acts_full(lm, 1, [prefix + s for s in suffixes], pos - len(suffixes[0]), batch=5)
     assert torch.allclose(kv, full, atol=1e-5, rtol=1e-4)
+    # the template after the word cannot change the word's activation (causal): the truncation is exact
+    whole = probe._acts_full(lm, 1, [prefix + s + parts.template for s in suffixes], -1 - len(parts.template), batch=5)
+    assert torch.allclose(whole, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture
