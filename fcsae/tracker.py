@@ -83,8 +83,9 @@ def active_entries(out, dict_size: int, tau_act: float) -> ActiveEntries:
             keep = keep_BK.reshape(-1)
             pos = keep.nonzero().squeeze(1)
             flat_idx, flat_acts, rows = flat_idx[pos], flat_acts[pos], pos // k
-        # A stable sort keeps inputs in batch order within a latent (deterministic sums).
-        order = torch.sort(flat_idx, stable=True).indices
+        # A stable sort keeps inputs in batch order within a latent (deterministic sums); int32 keys sort faster.
+        keys = flat_idx.int() if dict_size < 2 ** 31 else flat_idx
+        order = torch.sort(keys, stable=True).indices
         rows_N = (order // k) if rows is None else rows[order]
         acts_N = flat_acts[order]
         counts_F = torch.bincount(flat_idx, minlength=dict_size)
@@ -138,7 +139,7 @@ class FrequencyConsistencyTracker:
 
         self.freq_F.mul_(alpha).add_(ent.counts_F.float() / B, alpha=1.0 - alpha)
         self.updates_F.add_(1)
-        self.data_sum_D.add_(x_BD.sum(0, dtype=torch.float64))
+        self.data_sum_D.add_(x_BD.sum(0).double())  # float32 batch sum, float64 across batches
         self.data_n.add_(B)
 
         w_N = ent.acts_N.float() if self.cfg.weighting == "activation" else torch.ones_like(ent.acts_N, dtype=torch.float32)
