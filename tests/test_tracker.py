@@ -209,3 +209,19 @@ def test_wrong_width_is_input_error():
     tr = FrequencyConsistencyTracker(TrackerConfig(), 6, 5)
     with pytest.raises(FcsaeInputError, match="d_in=5"):
         tr.update(Out(None, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), None), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("section,body,field", [
+    ("tracker", "ema_alpha: 1.5", "tracker.ema_alpha"), ("tracker", "tau_act: -1", "tracker.tau_act"),
+    ("tracker", "consistency: cosine", "tracker.consistency"), ("split", "criterion: entropy", "split.criterion"),
+])
+def test_cli_train_bad_tracker_or_split_config_exits_2(tmp_path, capsys, section, body, field):
+    from fcsae.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"{section}:\n  {body}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--cache", str(tmp_path / "no-cache"), "--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fcsae: error: ") and field in err[0]
+    assert not out.exists()
