@@ -299,12 +299,14 @@ def bos_choice(tokenizer) -> BosChoice:
 
 
 def pack(texts: Iterable[str], tokenizer, context_len: int, max_rows: int | None = None,
-         chunk: int = 64) -> torch.Tensor:
+         chunk: int = 8) -> torch.Tensor:
     """Tokenise, join with EOS separators and cut into rows ``[N, context_len]``, each starting with BOS.
 
     Every row is BOS + the next ``context_len - 1`` tokens of the running
     stream, so no token is lost at row boundaries; the last partial row is
-    dropped. ``texts`` is consumed lazily and packing stops after ``max_rows``.
+    dropped. ``texts`` is consumed lazily, ``chunk`` texts per tokenizer call
+    (small, because one text can be a whole book chapter), and packing stops
+    after ``max_rows``.
     """
     if context_len < 2:
         raise FcsaeInputError(f"context_len: must be >= 2, got {context_len!r}")
