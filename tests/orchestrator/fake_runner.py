@@ -56,7 +56,8 @@ def run(ctx) -> TrialOutcome:
             tmp = ckpt.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step}))
             os.replace(tmp, ckpt)
-        ctx.report({"loss": loss, "fvu": loss, "step": step}, step % 2 == 0 or step == total)
+        fvu = loss * cfgs["tracker"].ema_alpha  # differs between trials, so ASHA has something to rank
+        ctx.report({"loss": loss, "fvu": fvu, "step": step}, step % 2 == 0 or step == total)
     alpha = cfgs["tracker"].ema_alpha
     seed = cfgs["trainer"].seed
     crit = cfgs["split"].criterion

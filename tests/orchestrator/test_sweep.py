@@ -203,3 +203,21 @@ def test_ctrl_c_stops_cleanly_and_prints_resume_command(tmp_path):
     assert "--resume" in out
     time.sleep(2)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_asha_stopped_trials_get_pruned_rows(tmp_path, ray_cluster):
+    """The fake's fvu depends on the step only, so ASHA must stop trials at its rungs; each still gets one row."""
+    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.05}))
+    raw = copy.deepcopy(SPACE)
+    raw.update(num_samples=4, max_concurrent=1,
+               scheduler={"type": "asha", "metric": "train.fvu", "mode": "max", "grace_period": 1, "reduction_factor": 2})
+    raw["fixed"]["trainer"]["log_every"] = 1
+    exp = tmp_path / "exp"
+    outcome = driver.run_sweep(space.parse_space(raw), exp, live=False)
+    df = store.scan_results(exp / "results").collect()
+    assert outcome.complete and df.height == 4 and df["trial_id"].n_unique() == 4
+    assert outcome.counts["pruned"] >= 1, outcome.counts
+    pruned = df.filter(df["status"] == "pruned")
+    assert all("ASHA" in r for r in pruned["failure_reason"])
+    assert sorted(pruned["trial_id"]) != sorted(_lines(exp / "fake_completions.log"))
