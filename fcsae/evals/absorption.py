@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -178,13 +179,18 @@ def _material(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _compute_probe_data(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig, progress: bool):
+    t0 = time.perf_counter()
     vocab = probe_mod.sample_vocab(lm.tokenizer, eval_cfg)
+    t1 = time.perf_counter()
     x_tr, order_tr = probe_mod.collect_acts(lm, lm_cfg, eval_cfg, vocab, train=True, progress=progress)
     x_te, order_te = probe_mod.collect_acts(lm, lm_cfg, eval_cfg, vocab, train=False, progress=progress)
+    t2 = time.perf_counter()
     y_tr = torch.tensor([vocab.labels[i] for i in order_tr])
     y_te = torch.tensor([vocab.labels[i] for i in order_te])
     W, b, metrics = probe_mod.train_probe(x_tr.double().numpy(), y_tr.numpy(), x_te.double().numpy(), y_te.numpy(),
                                           seed=eval_cfg.seed)
+    log.info("absorption cache: vocabulary %.1f s, prompt activations %.1f s, probe %.1f s",
+             t1 - t0, t2 - t1, time.perf_counter() - t2)
     tensors = {"acts_train": x_tr, "acts_test": x_te, "labels_train": y_tr, "labels_test": y_te,
                "probe_W": torch.from_numpy(W).float(), "probe_b": torch.from_numpy(b).float()}
     info = {"words_test": [vocab.words[i] for i in order_te], "words_train": [vocab.words[i] for i in order_tr],
