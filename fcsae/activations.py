@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -214,7 +215,14 @@ def harvest(cfg: HarvestConfig, lm=None, progress: bool = True) -> Path:
     (out / MANIFEST).unlink(missing_ok=True)  # a damaged cache stops counting as complete until rebuilt
     if done:
         log.info("resuming harvest at shard %d of %d in %s", len(done), n_shards, out)
-    shards = _run_shards(cfg, lm, rows_RT, out, fields, done, progress)
+    try:
+        shards = _run_shards(cfg, lm, rows_RT, out, fields, done, progress) if len(done) < n_shards else done
+    except FcsaeInputError:
+        if not done:  # bad input (a float16 overflow) found mid-run: leave nothing half-written behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if len(shards) != n_shards:  # cannot happen when the rows cover cfg.tokens; guard the manifest anyway
+        raise RuntimeError(f"harvest wrote {len(shards)} of {n_shards} shards in {out}")
     mean_norm = sum(s["norm_sum"] for s in shards) / cfg.tokens
     d_in = int(lm.d_model)
     bos = corpus.bos_choice(lm.tokenizer)

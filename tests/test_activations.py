@@ -219,6 +219,11 @@ def test_bad_harvest_input(home, text_file, lm, tmp_path):
         harvest(make_cfg(tmp_path / "nope.txt", lm), lm=lm, progress=False)
     with pytest.raises(FcsaeInputError, match="fewer than"):
         harvest(make_cfg(text_file, lm, tokens=10**6), lm=lm, progress=False)
+    huge = make_tiny_model("gpt_neox", d_model=32, n_layers=2)
+    with torch.no_grad():
+        huge.model.original_model.gpt_neox.embed_in.weight.mul_(1e6)  # residuals far beyond float16's 65504
+    with pytest.raises(FcsaeInputError, match="bfloat16"):
+        harvest(make_cfg(text_file, huge), lm=huge, progress=False)
     assert not any((home / "activations").iterdir())  # nothing half-written
     with pytest.raises(FcsaeInputError, match="batch_size"):
         next(ActivationCache(harvest(make_cfg(text_file, lm), lm=lm, progress=False)).batches(0))
