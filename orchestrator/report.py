@@ -222,7 +222,7 @@ def _fc_patterns(ctx: Context) -> list[Block]:
     if not {"sae_path", rt.CRITERION} <= set(ctx.ok.columns) or not rt.metric_present(ctx.ok, rt.ABSORPTION):
         return blocks + [Block("p", "No saved SAEs or no absorption results in the rows.")]
     shown, skipped = 0, 0
-    for crit in figs._groups(ctx.ok, rt.CRITERION):
+    for crit in figs.group_values(ctx.ok, rt.CRITERION):
         best = rt.best_trials(ctx.ok.filter(pl.col(rt.CRITERION) == crit), rt.ABSORPTION, "min", n=1)
         if best.height == 0:
             continue

@@ -7,8 +7,6 @@ every axis labelled with its unit (``fcsae.plotting.axis_label``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
@@ -19,7 +17,7 @@ CRITERION = "split.criterion"
 SEED = "trainer.seed"
 
 
-def _groups(df: pl.DataFrame, col: str) -> list:
+def group_values(df: pl.DataFrame, col: str) -> list:
     """Distinct values of ``col`` in a stable order (criteria in their canonical order, others sorted)."""
     from fcsae.config import CRITERIA
 
@@ -32,7 +30,7 @@ def _groups(df: pl.DataFrame, col: str) -> list:
 def pareto_figure(ok: pl.DataFrame, x: str, y: str, front_mask: list[bool], x_mode: str, y_mode: str) -> Figure:
     """Trials as points coloured by criterion, the Pareto-optimal ones ringed and joined by a step line."""
     fig, (ax,) = new_figure()
-    groups = _groups(ok, CRITERION) or [None]
+    groups = group_values(ok, CRITERION) or [None]
     for i, g in enumerate(groups):
         sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
         ax.scatter(sub[x].to_numpy(), sub[y].to_numpy(), s=28, alpha=0.8, color=colour_for(g, i),
@@ -60,7 +58,7 @@ def _seed_means(df: pl.DataFrame, param: str, metric: str) -> pl.DataFrame:
 def categorical_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> Figure:
     """Per value of ``param``: one point per seed (mean over that seed's trials) and mean +- std across seeds."""
     fig, axes = new_figure(len(metrics), width=5.2)
-    values = _groups(ok, param)
+    values = group_values(ok, param)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
     for ax, metric in zip(axes, metrics):
         sm = _seed_means(ok.filter(pl.col(metric).is_not_null()), param, metric)
@@ -86,7 +84,7 @@ def categorical_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) 
 def numeric_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> Figure:
     """Each trial as a point, ``metric`` against ``param``, coloured by criterion; log x for wide positive ranges."""
     fig, axes = new_figure(len(metrics), width=5.2)
-    groups = _groups(ok, CRITERION) or [None]
+    groups = group_values(ok, CRITERION) or [None]
     vals = ok[param].drop_nulls().to_numpy().astype(float)
     log_x = len(vals) and vals.min() > 0 and vals.max() / vals.min() >= 10
     for ax, metric in zip(axes, metrics):
@@ -107,7 +105,7 @@ def numeric_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> F
 def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction") -> Figure:
     """Grouped bars per letter, one bar per criterion: mean across that criterion's trials, error bar = std."""
     letters = sorted(stats["letter"].unique().to_list())
-    groups = _groups(stats, CRITERION)
+    groups = group_values(stats, CRITERION)
     fig, (ax,) = new_figure(width=max(7.0, 0.45 * len(letters) * max(1, len(groups)) ** 0.5 + 3), height=4.4)
     width = 0.8 / max(1, len(groups))
     pos = {l: i for i, l in enumerate(letters)}
@@ -128,7 +126,7 @@ def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction"
 def split_events_figure(curves: pl.DataFrame) -> Figure:
     """Cumulative split/resample events against training tokens: a thin line per trial, colour per criterion."""
     fig, (ax,) = new_figure(width=6.5)
-    for i, g in enumerate(_groups(curves, CRITERION)):
+    for i, g in enumerate(group_values(curves, CRITERION)):
         sub = curves.filter(pl.col(CRITERION) == g)
         first = True
         for (tid,), t in sub.group_by(["trial_id"], maintain_order=True):
@@ -147,7 +145,7 @@ def split_events_figure(curves: pl.DataFrame) -> Figure:
 def event_counts_figure(ok: pl.DataFrame) -> Figure:
     """Fallback without event logs: split and resample counts per criterion, one point per trial."""
     fig, axes = new_figure(2, width=4.8)
-    groups = _groups(ok, CRITERION) or [None]
+    groups = group_values(ok, CRITERION) or [None]
     for ax, col in zip(axes, ("n_split_events", "n_resample_events")):
         for i, g in enumerate(groups):
             sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
@@ -162,7 +160,3 @@ def event_counts_figure(ok: pl.DataFrame) -> Figure:
     fig.suptitle("Events per trial (from the result rows; dots = trials, diamond = mean ± std)", fontsize=10)
     return fig
 
-
-def finite(x) -> bool:
-    """True for a finite float (polars returns None or NaN for empty groups)."""
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
