@@ -181,12 +181,13 @@ def _effects(ctx: Context) -> list[Block]:
         categorical = not ctx.ok.schema[p].is_numeric() or n_values <= 6
         fig = (figs.categorical_effect_figure if categorical else figs.numeric_effect_figure)(ctx.ok, p, metrics)
         path = save_png(fig, ctx.out / "figures" / f"effect_{re.sub(r'[^A-Za-z0-9_]', '_', p)}.png")
-        blocks.append(Block("figure", path, f"`{p}`: " + ("dots = seeds, diamond = mean ± std across seeds"
-                                                            if categorical else "one point per trial")))
-        if categorical:
-            stats = pl.concat([rt.seed_stats(ctx.ok, p, m).with_columns(pl.col(p).cast(pl.Utf8), pl.lit(m).alias("metric"))
-                               for m in metrics])
-            blocks.append(Block("table", stats, f"`{p}`: grouped means (std and SE across seeds)"))
+        blocks.append(Block("figure", path, f"`{p}`: " + ("dots = seeds, diamond = mean ± std across seeds" if categorical
+                                                            else "dots = trials, diamonds = quartile-bin means ± std across seeds")))
+        data, key = (ctx.ok, p) if categorical else (rt.with_bins(ctx.ok, p), "bin")
+        stats = pl.concat([rt.seed_stats(data, key, m).with_columns(pl.col(key).cast(pl.Utf8).alias(p), pl.lit(m).alias("metric"))
+                           .select(p, "metric", "n_trials", "n_seeds", "mean", "std", "se") for m in metrics])
+        what = "grouped" if categorical else "quartile-bin"
+        blocks.append(Block("table", stats, f"`{p}`: {what} means (std and SE across seeds)"))
     return blocks
 
 

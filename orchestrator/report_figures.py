@@ -12,6 +12,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from fcsae.plotting import axis_label, colour_for, new_figure
+from orchestrator.report_tables import with_bins
 
 CRITERION = "split.criterion"
 SEED = "trainer.seed"
@@ -92,13 +93,20 @@ def numeric_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> F
             sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
             ax.scatter(sub[param].to_numpy(), sub[metric].to_numpy(), s=22, alpha=0.75, color=colour_for(g, i),
                        label=str(g) if g is not None else "trials")
+        # Binned means with the spread across seeds, over all criteria: the grouped effect of this parameter.
+        binned = _seed_means(with_bins(ok.filter(pl.col(metric).is_not_null()), param), "bin_centre", metric)
+        for j, ((centre,), b) in enumerate(binned.group_by(["bin_centre"], maintain_order=True)):
+            pts = b["value"].drop_nulls().to_numpy()
+            std = float(np.std(pts, ddof=1)) if len(pts) > 1 else 0.0
+            ax.errorbar(centre, float(np.mean(pts)), yerr=std, fmt="D", color="black", capsize=4, markersize=5,
+                        label="quartile-bin mean ± std across seeds" if j == 0 else None)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(axis_label(param) + (" [log scale]" if log_x else ""))
         ax.set_ylabel(axis_label(metric))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
-    fig.suptitle(f"Effect of {param} (one point per trial; all seeds)", fontsize=10)
+    fig.suptitle(f"Effect of {param}: dots = trials, diamonds = quartile-bin mean ± std across seeds", fontsize=10)
     return fig
 
 

@@ -72,6 +72,19 @@ def seed_stats(df: pl.DataFrame, by: str, metric: str) -> pl.DataFrame:
     return out.sort(by)
 
 
+def with_bins(df: pl.DataFrame, param: str, n_bins: int = 4) -> pl.DataFrame:
+    """``df`` plus ``bin`` (text range) and ``bin_centre`` (median value) columns: quantile bins of a numeric ``param``."""
+    v = df[param].cast(pl.Float64).to_numpy()
+    edges = np.unique(np.quantile(v[np.isfinite(v)], np.linspace(0, 1, n_bins + 1))) if np.isfinite(v).any() else np.array([0.0])
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0]])
+    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2)
+    labels = [f"Q{i + 1}: {edges[i]:.4g}–{edges[i + 1]:.4g}" for i in range(len(edges) - 1)]  # Qn sorts in order
+    out = df.with_columns(pl.Series("bin_index", idx), pl.Series("bin", [labels[i] for i in idx]))
+    centres = out.group_by("bin_index").agg(pl.col(param).cast(pl.Float64).median().alias("bin_centre"))
+    return out.join(centres, on="bin_index", how="left")
+
+
 def criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     """Per (criterion, metric): trials, seeds, mean and std across seeds, difference from the baseline and its SE.
 

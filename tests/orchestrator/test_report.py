@@ -75,6 +75,16 @@ def test_comparison_without_baseline_says_so():
     assert "no comparison" in rt.comparison_sentences(cmp, rt.ABSORPTION)[0]
 
 
+def test_quartile_bins_hand_checked():
+    df = pl.DataFrame({"p": [1.0, 2, 3, 4, 5, 6, 7, 8]})
+    b = rt.with_bins(df, "p")
+    assert b["bin_index"].to_list() == [0, 0, 1, 1, 2, 2, 3, 3]  # edges 1, 2.75, 4.5, 6.25, 8
+    assert b["bin"][0] == "Q1: 1–2.75" and b["bin"][7] == "Q4: 6.25–8"
+    assert b["bin_centre"].to_list() == [1.5, 1.5, 3.5, 3.5, 5.5, 5.5, 7.5, 7.5]
+    const = rt.with_bins(pl.DataFrame({"p": [2.0, 2.0]}), "p")
+    assert const["bin_index"].to_list() == [0, 0]
+
+
 # ------------------------------------------------------------------ figures
 
 
