@@ -191,6 +191,9 @@ class TrackerConfig:
     latent as it trains) or ``all`` (whole history since the last reset)."""
     weighting: str = "count"
     """How each activating input counts in the latent's statistics: ``count`` (once) or ``activation`` (by its activation value)."""
+    stats_every: int = 1
+    """Add a batch to the per-latent input sums every this many updates (the frequency is updated every step);
+    1 = exact. Larger values trade statistical noise for speed (see docs/method.md for the measured effect)."""
 
     def __post_init__(self):
         require(isinstance(self.ema_alpha, (int, float)) and 0.0 < self.ema_alpha < 1.0,
@@ -199,6 +202,8 @@ class TrackerConfig:
         require(self.consistency in CONSISTENCY, f"consistency: must be one of {', '.join(CONSISTENCY)}, got {self.consistency!r}")
         require(self.horizon in HORIZONS, f"horizon: must be one of {', '.join(HORIZONS)}, got {self.horizon!r}")
         require(self.weighting in WEIGHTINGS, f"weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        require(isinstance(self.stats_every, int) and self.stats_every >= 1,
+                f"stats_every: must be an integer >= 1, got {self.stats_every!r}")
 
 
 CRITERIA = ("none", "dead", "fc", "frequency", "inconsistency")

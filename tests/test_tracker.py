@@ -38,11 +38,15 @@ def brute_force(batches, cfg: TrackerConfig, F: int, D: int):
     freq = torch.zeros(F, dtype=torch.float64)
     entries = [[] for _ in range(F)]
     all_x = []
+    n = cfg.stats_every
+    last = (len(batches) // n) * n - 1  # the last batch the sums took
     for t, (out, x) in enumerate(batches):
         lat = dense_from(out, F).double()
         active = lat.abs() > cfg.tau_act
         freq = a * freq + (1 - a) * active.double().mean(0)
         all_x.append(x.double())
+        if (t + 1) % n:
+            continue
         for i in range(F):
             for b in range(x.shape[0]):
                 if active[b, i]:
@@ -56,7 +60,7 @@ def brute_force(batches, cfg: TrackerConfig, F: int, D: int):
     for i in range(F):
         if not entries[i]:
             continue
-        decay = [(a ** (T - 1 - t)) if cfg.horizon == "ema" else 1.0 for _, _, t in entries[i]]
+        decay = [(a ** (last - t)) if cfg.horizon == "ema" else 1.0 for _, _, t in entries[i]]
         w = torch.tensor([e[0] * d for e, d in zip(entries[i], decay)], dtype=torch.float64)
         xc = torch.stack([e[1] for e in entries[i]]) - m
         counts[i] = sum(decay)
@@ -84,12 +88,14 @@ def random_batches(kind: str, T=4, B=9, F=6, D=5, k=2, seed=0):
 
 @pytest.mark.parametrize("kind", ["topk", "relu"])
 @pytest.mark.parametrize("consistency", ["normalized", "seed"])
-@pytest.mark.parametrize("horizon,weighting,tau", [("ema", "count", 0.0), ("all", "count", 0.3),
-                                                   ("ema", "activation", 0.5), ("all", "activation", 0.0)])
-def test_matches_brute_force(kind, consistency, horizon, weighting, tau):
+@pytest.mark.parametrize("horizon,weighting,tau,every", [("ema", "count", 0.0, 1), ("all", "count", 0.3, 1),
+                                                         ("ema", "activation", 0.5, 1), ("all", "activation", 0.0, 1),
+                                                         ("ema", "count", 0.0, 2), ("all", "activation", 0.3, 3)])
+def test_matches_brute_force(kind, consistency, horizon, weighting, tau, every):
     F, D = 6, 5
-    cfg = TrackerConfig(ema_alpha=0.7, tau_act=tau, consistency=consistency, horizon=horizon, weighting=weighting)
-    batches = random_batches(kind, F=F, D=D)
+    cfg = TrackerConfig(ema_alpha=0.7, tau_act=tau, consistency=consistency, horizon=horizon, weighting=weighting,
+                        stats_every=every)
+    batches = random_batches(kind, T=7, F=F, D=D)
     tr = FrequencyConsistencyTracker(cfg, F, D)
     for out, x in batches:
         tr.update(out, x)
@@ -199,7 +205,7 @@ def test_state_and_peak_memory_independent_of_batch():
 @pytest.mark.parametrize("kwargs,field", [({"ema_alpha": 1.0}, "ema_alpha"), ({"ema_alpha": 0.0}, "ema_alpha"),
                                           ({"ema_alpha": -0.5}, "ema_alpha"), ({"tau_act": -0.1}, "tau_act"),
                                           ({"consistency": "cosine"}, "consistency"), ({"horizon": "window"}, "horizon"),
-                                          ({"weighting": "l2"}, "weighting")])
+                                          ({"weighting": "l2"}, "weighting"), ({"stats_every": 0}, "stats_every")])
 def test_bad_config_is_input_error(kwargs, field):
     with pytest.raises(FcsaeInputError, match=field):
         TrackerConfig(**kwargs)
