@@ -1,9 +1,11 @@
 """Frequency-consistency tracker overhead: TopK training step with and without the tracker, side by side.
 
-Two ``Trainer``s with identical SAEs and batches, one with the tracker enabled
-(``TrackerConfig(enabled=True)``, criterion ``none`` so only the per-step
-update is timed), one without; rounds interleave the two and the median step
-time is reported, because the 2-core machine is shared. Also timed in the same
+Three ``Trainer``s with identical SAEs and batches: without the tracker, with
+the exact tracker (``TrackerConfig(enabled=True)``), and with the sums taken
+every ``--stats-every`` steps; criterion ``none`` so only the per-step update is
+timed. Rounds interleave them and the median step time is reported, because
+the 2-core machine is shared. The effect of ``stats_every`` on the scores is
+measured on a planted-toy training run (rank correlation with the exact scores). Also timed in the same
 run: ``tracker.update`` alone on a real forward output, and the naive
 ``index_add_`` over the B*k gathered inputs it replaces. Peak memory: the
 tracker's state, and the growth of the process's peak RSS when the tracker
@@ -36,11 +38,11 @@ SIZES = {  # name: (d_in, dict_size, k, batch)
 }
 
 
-def make_trainer(d: int, F: int, k: int, B: int, tracked: bool) -> Trainer:
+def make_trainer(d: int, F: int, k: int, B: int, tracker: TrackerConfig | None) -> Trainer:
     """A TopK trainer as ``fcsae train`` builds it; dead latents never trigger AuxK here (fresh SAE)."""
     cfg = TrainerConfig(batch_size=B, total_tokens=B * 10_000, warmup_steps=0, log_every=10_000, buffer_tokens=0)
     sae = SparseAutoencoder(SAEConfig(d_in=d, dict_size=F, activation="topk", k=k), seed=0)
-    return Trainer(sae, cfg, SplitConfig(criterion="none"), TrackerConfig(enabled=tracked))
+    return Trainer(sae, cfg, SplitConfig(criterion="none"), tracker or TrackerConfig(enabled=False))
 
 
 def timed(fn) -> float:
@@ -63,40 +65,75 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(name: str, rounds: int) -> float:
-    """Print one size's numbers; return the step-time ratio tracked / untracked."""
+def bench(name: str, rounds: int, every: int) -> float:
+    """Print one size's numbers; return the step-time ratio with the exact tracker / without."""
     d, F, k, B = SIZES[name]
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(B, d, generator=gen) for _ in range(4)]
-    plain, tracked = make_trainer(d, F, k, B, False), make_trainer(d, F, k, B, True)
+    plain = make_trainer(d, F, k, B, None)
     plain.train_step(data[0])  # warm-up (b_dec init, allocator)
     rss_before = peak_rss_mib()
-    tracked.train_step(data[0])
+    exact = make_trainer(d, F, k, B, TrackerConfig(enabled=True))
+    exact.train_step(data[0])
     rss_growth = peak_rss_mib() - rss_before
-    t_plain, t_tracked, t_update, t_naive = [], [], [], []
+    sparse = make_trainer(d, F, k, B, TrackerConfig(enabled=True, stats_every=every))
+    sparse.train_step(data[0])
+    times: dict[str, list[float]] = {n: [] for n in ("plain", "exact", "sparse", "update", "naive")}
     with torch.no_grad():
-        out = tracked.sae(data[1])
+        out = exact.sae(data[1])
     for r in range(rounds):
         x = data[r % len(data)]
-        t_plain.append(timed(lambda: plain.train_step(x)))
-        t_tracked.append(timed(lambda: tracked.train_step(x)))
-        t_update.append(timed(lambda: tracked.tracker.update(out, data[1])))
-        t_naive.append(timed(lambda: naive_index_add(out, data[1], F)))
-    med = {n: statistics.median(v) for n, v in
-           (("plain", t_plain), ("tracked", t_tracked), ("update", t_update), ("naive", t_naive))}
-    state_mib = sum(t.numel() * t.element_size() for t in tracked.tracker.state_dict().values()) / 2 ** 20
-    ratio = med["tracked"] / med["plain"]
+        times["plain"].append(timed(lambda: plain.train_step(x)))
+        times["exact"].append(timed(lambda: exact.train_step(x)))
+        # stats_every steps of the sparse tracker, so the average includes exactly one sums update.
+        times["sparse"].append(sum(timed(lambda: sparse.train_step(x)) for _ in range(every)) / every)
+        times["update"].append(timed(lambda: exact.tracker.update(out, data[1])))
+        times["naive"].append(timed(lambda: naive_index_add(out, data[1], F)))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    state_mib = sum(t.numel() * t.element_size() for t in exact.tracker.state_dict().values()) / 2 ** 20
+    ratio = med["exact"] / med["plain"]
     print(f"[{name}] d_in {d}, dict {F}, k {k}, batch {B}; {rounds} interleaved rounds, medians:")
-    print(f"  step without tracker  {med['plain'] * 1e3:9.1f} ms  ({B / med['plain']:,.0f} tok/s)")
-    print(f"  step with tracker     {med['tracked'] * 1e3:9.1f} ms  ({B / med['tracked']:,.0f} tok/s)  "
-          f"ratio {ratio:.3f}")
-    print(f"  tracker.update alone  {med['update'] * 1e3:9.1f} ms  = {med['update'] / med['plain']:.1%} of a step")
-    print(f"  naive index_add_      {med['naive'] * 1e3:9.1f} ms  = {med['naive'] / med['plain']:.1%} of a step "
+    print(f"  step without tracker       {med['plain'] * 1e3:9.1f} ms  ({B / med['plain']:,.0f} tok/s)")
+    print(f"  step with tracker (exact)  {med['exact'] * 1e3:9.1f} ms  ({B / med['exact']:,.0f} tok/s)  ratio {ratio:.3f}")
+    print(f"  step with stats_every={every}   {med['sparse'] * 1e3:9.1f} ms  ({B / med['sparse']:,.0f} tok/s)  "
+          f"ratio {med['sparse'] / med['plain']:.3f}")
+    print(f"  tracker.update alone       {med['update'] * 1e3:9.1f} ms  = {med['update'] / med['plain']:.1%} of a step")
+    print(f"  naive index_add_           {med['naive'] * 1e3:9.1f} ms  = {med['naive'] / med['plain']:.1%} of a step "
           f"(update is {med['naive'] / med['update']:.1f}x faster)")
-    print(f"  tracker state {state_mib:.1f} MiB; peak RSS grew {rss_growth:.1f} MiB when tracking started "
-          f"(process peak {peak_rss_mib():.0f} MiB)")
-    del plain, tracked
+    print(f"  tracker state {state_mib:.1f} MiB; peak RSS grew {rss_growth:.1f} MiB when the tracked trainer started "
+          f"(its SAE + Adam + tracker; process peak {peak_rss_mib():.0f} MiB)")
     return ratio
+
+
+def score_effect(every: int, steps: int = 1000) -> None:
+    """Effect of ``stats_every`` on the scores: two trackers fed the same forward outputs of one toy training run."""
+    from scipy.stats import spearmanr
+
+    from fcsae.toy import ToyConfig, make_toy
+    from fcsae.tracker import FrequencyConsistencyTracker
+
+    toy = make_toy(ToyConfig(), seed=0)
+    d, F, B = toy.x_ND.shape[1], 64, 512
+    trainer = Trainer(SparseAutoencoder(SAEConfig(d_in=d, dict_size=F, activation="topk", k=4), seed=0),
+                      TrainerConfig(lr=2e-3, batch_size=B, total_tokens=steps * B, warmup_steps=50, log_every=steps,
+                                    buffer_tokens=0), SplitConfig(criterion="none"), TrackerConfig(enabled=False))
+    trackers = [FrequencyConsistencyTracker(TrackerConfig(stats_every=n), F, d) for n in (1, every)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = toy.x_ND[torch.randint(len(toy.x_ND), (B,), generator=g)]
+        trainer.train_step(x)
+        with torch.no_grad():
+            out = trainer.sae(x)
+        for tr in trackers:
+            tr.update(out, x)
+    a, b = (tr.scores() for tr in trackers)
+    alive = (a.count_F > 0) & (b.count_F > 0)
+    rho_s = spearmanr(a.score_F[alive].numpy(), b.score_F[alive].numpy()).statistic
+    rho_c = spearmanr(a.consistency_F[alive].numpy(), b.consistency_F[alive].numpy()).statistic
+    dc = (a.consistency_F - b.consistency_F)[alive].abs()
+    print(f"[score effect] planted toy, TopK dict {F}, k 4, {steps} steps: stats_every={every} vs exact, "
+          f"{int(alive.sum())} latents: Spearman s {rho_s:.3f}, c {rho_c:.3f}; |delta c| mean {float(dc.mean()):.4f}, "
+          f"max {float(dc.max()):.4f}")
 
 
 def main() -> None:
@@ -104,12 +141,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--quick", action="store_true", help="small size only")
+    ap.add_argument("--stats-every", type=int, default=4, help="the subsampled tracker's TrackerConfig.stats_every")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    ratio = bench("small", args.rounds)
+    ratio = bench("small", args.rounds, args.stats_every)
     if not args.quick:
-        ratio = bench("large", args.rounds)
+        ratio = bench("large", args.rounds, args.stats_every)
+    score_effect(args.stats_every)
     size = "small" if args.quick else "large"
     print(f"tracker_overhead: ratio={ratio:.2f} (target <= 1.05, step with / without tracker, {size} size)")
 

@@ -63,6 +63,15 @@ class ActiveEntries(NamedTuple):
     """Number of active inputs per latent in this batch."""
 
 
+def active_counts(out, dict_size: int, tau_act: float) -> torch.Tensor:
+    """Number of inputs per latent with ``|a| > tau_act`` in one batch (no sort: cheap enough for every step)."""
+    if getattr(out, "idx_BK", None) is not None:
+        return torch.bincount(out.idx_BK[out.acts_BK.detach().abs() > tau_act], minlength=dict_size)
+    if getattr(out, "latents_BF", None) is not None:
+        return (out.latents_BF.detach().abs() > tau_act).sum(0)
+    raise FcsaeInputError("tracker.update: the forward output has neither idx_BK/acts_BK nor latents_BF")
+
+
 def active_entries(out, dict_size: int, tau_act: float) -> ActiveEntries:
     """Collect the pairs with ``|a| > tau_act`` from a ``ForwardOutput``, grouped by latent.
 
@@ -136,9 +145,9 @@ class FrequencyConsistencyTracker:
             raise FcsaeInputError(f"tracker.update: inputs have width {D}, the tracker was built for d_in={self.d_in}")
         alpha = self.cfg.ema_alpha
         x_BD = x_BD.detach().float()
-        ent = active_entries(out, self.dict_size, self.cfg.tau_act)
+        counts_F = active_counts(out, self.dict_size, self.cfg.tau_act)
 
-        self.freq_F.mul_(alpha).add_(ent.counts_F.float() / B, alpha=1.0 - alpha)
+        self.freq_F.mul_(alpha).add_(counts_F.float() / B, alpha=1.0 - alpha)
         self.updates_F.add_(1)
         self.data_sum_D.add_(x_BD.sum(0).double())  # float32 batch sum, float64 across batches
         self.data_n.add_(B)
@@ -146,6 +155,7 @@ class FrequencyConsistencyTracker:
         every = self.cfg.stats_every
         if every > 1 and int(self.n_updates) % every:
             return  # the sums take every ``stats_every``-th batch (the n-th, 2n-th, ...)
+        ent = active_entries(out, self.dict_size, self.cfg.tau_act)
 
         w_N = ent.acts_N.float() if self.cfg.weighting == "activation" else torch.ones_like(ent.acts_N, dtype=torch.float32)
         decay = alpha ** every if self.cfg.horizon == "ema" else 1.0  # same horizon in steps whatever stats_every
