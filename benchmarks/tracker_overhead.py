@@ -45,11 +45,17 @@ def make_trainer(d: int, F: int, k: int, B: int, tracker: TrackerConfig | None) 
     return Trainer(sae, cfg, SplitConfig(criterion="none"), tracker or TrackerConfig(enabled=False))
 
 
-def timed(fn) -> float:
-    """Wall seconds of one call."""
-    t0 = time.perf_counter()
+CPU: dict[str, list[float]] = {}
+"""Process CPU seconds per timed call, by label (less sensitive than wall time to other jobs on a shared machine)."""
+
+
+def timed(fn, label: str = "") -> float:
+    """Wall seconds of one call (its CPU seconds go to ``CPU[label]``)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    CPU.setdefault(label, []).append(time.process_time() - c0)
+    return wall
 
 
 def naive_index_add(out, x_BD: torch.Tensor, F: int) -> torch.Tensor:
@@ -83,13 +89,14 @@ def bench(name: str, rounds: int, every: int) -> float:
         out = exact.sae(data[1])
     for r in range(rounds):
         x = data[r % len(data)]
-        times["plain"].append(timed(lambda: plain.train_step(x)))
-        times["exact"].append(timed(lambda: exact.train_step(x)))
+        times["plain"].append(timed(lambda: plain.train_step(x), f"{name}.plain"))
+        times["exact"].append(timed(lambda: exact.train_step(x), f"{name}.exact"))
         # stats_every steps of the sparse tracker, so the average includes exactly one sums update.
-        times["sparse"].append(sum(timed(lambda: sparse.train_step(x)) for _ in range(every)) / every)
-        times["update"].append(timed(lambda: exact.tracker.update(out, data[1])))
-        times["naive"].append(timed(lambda: naive_index_add(out, data[1], F)))
+        times["sparse"].append(sum(timed(lambda: sparse.train_step(x), f"{name}.sparse") for _ in range(every)) / every)
+        times["update"].append(timed(lambda: exact.tracker.update(out, data[1]), f"{name}.update"))
+        times["naive"].append(timed(lambda: naive_index_add(out, data[1], F), f"{name}.naive"))
     med = {n: statistics.median(v) for n, v in times.items()}
+    cpu = {n: statistics.median(CPU[f"{name}.{n}"]) for n in times}
     state_mib = sum(t.numel() * t.element_size() for t in exact.tracker.state_dict().values()) / 2 ** 20
     ratio = med["exact"] / med["plain"]
     print(f"[{name}] d_in {d}, dict {F}, k {k}, batch {B}; {rounds} interleaved rounds, medians:")
@@ -100,6 +107,9 @@ def bench(name: str, rounds: int, every: int) -> float:
     print(f"  tracker.update alone       {med['update'] * 1e3:9.1f} ms  = {med['update'] / med['plain']:.1%} of a step")
     print(f"  naive index_add_           {med['naive'] * 1e3:9.1f} ms  = {med['naive'] / med['plain']:.1%} of a step "
           f"(update is {med['naive'] / med['update']:.1f}x faster)")
+    print(f"  CPU time (process, medians): without {cpu['plain'] * 1e3:.0f} ms, exact {cpu['exact'] * 1e3:.0f} ms "
+          f"(ratio {cpu['exact'] / cpu['plain']:.3f}), stats_every={every} {cpu['sparse'] * 1e3:.0f} ms "
+          f"(ratio {cpu['sparse'] / cpu['plain']:.3f}), update {cpu['update'] * 1e3:.0f} ms, naive {cpu['naive'] * 1e3:.0f} ms")
     print(f"  tracker state {state_mib:.1f} MiB; peak RSS grew {rss_growth:.1f} MiB when the tracked trainer started "
           f"(its SAE + Adam + tracker; process peak {peak_rss_mib():.0f} MiB)")
     return ratio
