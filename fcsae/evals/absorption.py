@@ -204,9 +204,9 @@ def prepare_absorption_cache(lm_cfg: LMConfig, eval_cfg: EvalConfig, lm=None, pr
     A missing or corrupt entry is recomputed. Raises ``FcsaeInputError`` when
     the tokenizer has fewer single-token words than ``absorption_words``.
     """
-    from fcsae.evals.core import _load_lm
+    from fcsae.evals.core import load_lm
 
-    lm = _load_lm(lm_cfg, lm)
+    lm = load_lm(lm_cfg, lm)
     material = _material(lm, lm_cfg, eval_cfg)
     entry = store.load_entry(KIND, material)
     if entry is None:
@@ -263,13 +263,12 @@ def evaluate_absorption(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale:
     ``lm`` is only loaded when the cache entry has to be (re)built or the SAE
     width must be checked against it; pass it to avoid the load.
     """
-    from fcsae.evals.core import check_sae_matches
+    from fcsae.evals.core import check_sae_matches, load_lm
 
     if not (isinstance(norm_scale, (int, float)) and math.isfinite(norm_scale) and norm_scale > 0):
         raise FcsaeInputError(f"norm_scale: must be a finite number > 0, got {norm_scale!r}")
-    from fcsae.evals.core import _load_lm
 
-    lm = _load_lm(lm_cfg, lm)
+    lm = load_lm(lm_cfg, lm)
     check_sae_matches(sae, lm, lm_cfg.layer)
     data = prepare_absorption_cache(lm_cfg, eval_cfg, lm=lm, progress=progress)
     x_tr, x_te = data.acts_train_ND * norm_scale, data.acts_test_ND * norm_scale

@@ -223,7 +223,8 @@ def _material(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
             "context_len": eval_cfg.context_len, "kl_topk": eval_cfg.kl_topk}
 
 
-def _load_lm(lm_cfg: LMConfig, lm):
+def load_lm(lm_cfg: LMConfig, lm=None):
+    """``lm`` if given, else the model named by ``lm_cfg``; either way checked to have ``lm_cfg.layer``."""
     from fcsae.lm import check_layer, load_model
 
     if lm is None:
@@ -269,7 +270,7 @@ def prepare_core_cache(lm_cfg: LMConfig, eval_cfg: EvalConfig, lm=None, progress
     A missing or corrupt entry is recomputed (see ``fcsae.evals.store``). The
     sweep driver calls this once before its trials.
     """
-    lm = _load_lm(lm_cfg, lm)
+    lm = load_lm(lm_cfg, lm)
     material = _material(lm, lm_cfg, eval_cfg)
     entry = store.load_entry(KIND, material)
     if entry is None:
@@ -331,7 +332,7 @@ def evaluate_core(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float
     """
     if not (isinstance(norm_scale, (int, float)) and math.isfinite(norm_scale) and norm_scale > 0):
         raise FcsaeInputError(f"norm_scale: must be a finite number > 0, got {norm_scale!r}")
-    lm = _load_lm(lm_cfg, lm)
+    lm = load_lm(lm_cfg, lm)
     check_sae_matches(sae, lm, lm_cfg.layer)
     base = prepare_core_cache(lm_cfg, eval_cfg, lm=lm, progress=progress)
     acc = ReconAccumulator(*_sae_dims(sae))

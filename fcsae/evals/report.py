@@ -76,9 +76,9 @@ def eval_report(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float, 
                 absorption: bool = True, lm=None) -> dict[str, Any]:
     """Run the chosen evals; a JSON-ready dict with ``core``, ``absorption`` (summary + per-letter rows), timings."""
     from fcsae.evals.absorption import evaluate_absorption
-    from fcsae.evals.core import _load_lm, check_sae_matches, evaluate_core
+    from fcsae.evals.core import load_lm, check_sae_matches, evaluate_core
 
-    lm = _load_lm(lm_cfg, lm)
+    lm = load_lm(lm_cfg, lm)
     check_sae_matches(sae, lm, lm_cfg.layer)
     report: dict[str, Any] = {"model": lm_cfg.model, "layer": lm_cfg.layer, "norm_scale": norm_scale, "seconds": {}}
     if core:
