@@ -36,6 +36,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Aborted(Exception):
+    """The user declined to resume or restart an existing experiment."""
+
+
 def _choose_mode(args, root: Path) -> str:
     from orchestrator.trainable import ExperimentPaths
 
@@ -52,7 +56,7 @@ def _choose_mode(args, root: Path) -> str:
         return "resume"
     if answer.startswith("s"):
         return "restart"
-    raise KeyboardInterrupt
+    raise _Aborted()
 
 
 def _print_summary(spec, root: Path) -> None:
@@ -88,6 +92,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     except FcsaeInputError as e:
         print(f"fcsae-sweep: error: {e}", file=sys.stderr)
         return 2
+    except _Aborted:
+        print("fcsae-sweep: aborted; nothing changed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fcsae-sweep: interrupted", file=sys.stderr)
         if root is not None:

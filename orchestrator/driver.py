@@ -267,6 +267,8 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Each trial checkpoint forces a state snapshot (num_to_keep=1), which is what makes resume exact; don't warn.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Our own live view replaces Tune's; the legacy output path honours verbose=0 completely.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resuming and tune.Tuner.can_restore(str(paths.ray)):
         log.info("restoring Ray Tune state from %s", paths.ray)
         tuner = tune.Tuner.restore(str(paths.ray), trainable=trainable, resume_unfinished=True, resume_errored=True)
