@@ -56,7 +56,9 @@ def resumable_trainer_cfg(cfg):
     """Checkpoint at least every ~10% of training so an interrupted trial continues instead of restarting."""
     if cfg.checkpoint_every:
         return cfg
-    return dataclasses.replace(cfg, checkpoint_every=max(cfg.log_every, cfg.total_steps // 10))
+    # A multiple of log_every, so every checkpoint report carries that step's metrics.
+    every = max(1, cfg.total_steps // 10 // cfg.log_every) * cfg.log_every
+    return dataclasses.replace(cfg, checkpoint_every=every)
 
 
 class _TuneCallback:
@@ -64,20 +66,23 @@ class _TuneCallback:
 
     def __init__(self, ctx: TrialContext, trainer_cfg):
         self.ctx, self.cfg = ctx, trainer_cfg
-        self.last: dict | None = None
+        self.pending: dict | None = None  # metrics of a step that will also checkpoint
+        self.latest: dict = {}
 
     def _checkpoints_at(self, step: int) -> bool:
         return step >= self.cfg.total_steps or step % self.cfg.checkpoint_every == 0
 
     def on_metrics(self, step: int, metrics: dict) -> None:
-        self.last = dict(metrics)
-        if not self._checkpoints_at(step):
-            self.ctx.report(self.last, False)
-            self.last = None
+        self.latest = dict(metrics)
+        if self._checkpoints_at(step):
+            self.pending = self.latest
+        else:
+            self.ctx.report(self.latest, False)
 
     def on_checkpoint(self, step: int) -> None:
-        self.ctx.report(self.last or {"step": step}, True)
-        self.last = None
+        # The final step may not be a logging step: send the latest metrics we have, with this step.
+        self.ctx.report({**(self.pending or self.latest), "step": step}, True)
+        self.pending = None
 
 
 def run(ctx: TrialContext) -> TrialOutcome:
