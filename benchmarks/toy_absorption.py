@@ -56,7 +56,8 @@ def run(criterion: str, seed: int, args, toy_train, toy_test) -> dict:
                          log_every=args.steps)
     sae = SparseAutoencoder(SAEConfig(d_in=d, dict_size=args.dict_size, activation="topk", k=args.k), seed=seed)
     split = SplitConfig(criterion=criterion, rule=args.rule, z=args.z, top_fraction=args.top_fraction)
-    trainer = Trainer(sae, tcfg, split, TrackerConfig(enabled=True))
+    tracker = TrackerConfig(enabled=True, consistency=args.consistency, weighting=args.weighting)
+    trainer = Trainer(sae, tcfg, split, tracker)
     events = trainer.fit(batches(toy_train.x_ND, args.batch_size, seed))
     sae.eval()
     x = toy_test.x_ND
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--rule", choices=("zscore", "top_fraction"), default="zscore", help="SplitConfig.rule (default its default)")
     ap.add_argument("--z", type=float, default=3.0, help="SplitConfig.z (default its default)")
     ap.add_argument("--top-fraction", type=float, default=0.01, help="SplitConfig.top_fraction (default its default)")
+    ap.add_argument("--consistency", choices=("normalized", "seed"), default="normalized", help="TrackerConfig.consistency")
+    ap.add_argument("--weighting", choices=("count", "activation"), default="count", help="TrackerConfig.weighting")
     ap.add_argument("--criteria", default=",".join(CRITERIA), help="comma-separated subset of criteria to run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -107,7 +110,8 @@ def main() -> None:
     print(f"toy: {cfg}")
     print(f"SAE: TopK dict {args.dict_size}, k {args.k}; {args.steps} steps x {args.batch_size}; lr {args.lr}; "
           f"split/resample every {args.resample_every} steps until 70%; rule {args.rule}, z {args.z}, "
-          f"top_fraction {args.top_fraction}; seeds 0..{args.seeds - 1}")
+          f"top_fraction {args.top_fraction}; tracker consistency {args.consistency}, weighting {args.weighting}; "
+          f"seeds 0..{args.seeds - 1}")
     rows: dict[str, list[dict]] = {c: [] for c in criteria}
     t0 = time.perf_counter()
     for seed in range(args.seeds):
