@@ -283,3 +283,15 @@ def test_cli_trains(fake_cache, tmp_path, capsys):
     assert summary["step"] == 6 and summary["out"] == str(out)
     sae = SparseAutoencoder.load(out / "sae")
     assert sae.cfg == SAEConfig(d_in=D, dict_size=32, activation="relu")
+
+
+def test_input_buffer_keeps_the_most_recent_rows():
+    t = Trainer(SparseAutoencoder(SAEConfig(d_in=2, dict_size=4, k=1)), tcfg(buffer_tokens=5))
+    rows = torch.arange(26, dtype=torch.float32).reshape(13, 2)
+    t._push_buffer(rows[:3])
+    assert t.buffer_fill == 3 and torch.equal(t.buffer_ND[:3], rows[:3])
+    t._push_buffer(rows[3:7])  # wraps around
+    assert t.buffer_fill == 5
+    assert sorted(t.buffer_ND[:, 0].tolist()) == rows[2:7, 0].tolist()
+    t._push_buffer(rows[7:13])  # more than the capacity at once
+    assert sorted(t.buffer_ND[:, 0].tolist()) == rows[8:13, 0].tolist()
