@@ -143,11 +143,14 @@ def l1_probe_weights(lat_NA: torch.Tensor, labels_N: torch.Tensor, n_classes: in
     opt = torch.optim.Adam([W, b], lr=1e-2, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(1e-5 / 1e-2) / epochs))
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight_C)
+    # SAE latents are mostly zeros: a sparse copy makes each step's product and its gradient cheap.
+    sparse = lat_NA.to_sparse_coo().coalesce()
     with torch.enable_grad():
         for _ in range(epochs):
             for rows in torch.randperm(N, generator=gen).split(batch):
                 opt.zero_grad()
-                loss = loss_fn(lat_NA[rows] @ W.T + b, y_NC[rows]) + L1_DECAY * W.abs().sum(1).mean()
+                logits = torch.sparse.mm(sparse.index_select(0, rows), W.T) + b
+                loss = loss_fn(logits, y_NC[rows]) + L1_DECAY * W.abs().sum(1).mean()
                 loss.backward()
                 opt.step()
             sched.step()
