@@ -156,11 +156,15 @@ def _run_train(args) -> int:
     if "d_in" in sae_d and sae_d["d_in"] != cache.d_in:
         raise FcsaeInputError(f"sae.d_in: config says {sae_d['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")
     sae_cfg = from_dict(SAEConfig, {**sae_d, "d_in": cache.d_in}, "sae.")
-    from fcsae.trainer import LogMetrics, train_from_cache
+    from fcsae.trainer import LogMetrics, TrainingDiverged, train_from_cache
 
     out = args.out or cache_dir("runs") / f"{cache.path.name}-{sae_cfg.activation}-{sae_cfg.dict_size}"
-    result = train_from_cache(cache_path, sae_cfg, trainer_cfg, split_cfg, tracker_cfg, out, callbacks=[LogMetrics()],
-                              resume=not args.no_resume)
+    try:
+        result = train_from_cache(cache_path, sae_cfg, trainer_cfg, split_cfg, tracker_cfg, out,
+                                  callbacks=[LogMetrics()], resume=not args.no_resume)
+    except TrainingDiverged as e:
+        print(f"fcsae: training diverged: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"out": str(result.out_dir), **{k: result.metrics[k] for k in ("step", "fvu", "l0", "dead_frac")
                                                       if k in result.metrics}}))
     return 0

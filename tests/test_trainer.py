@@ -295,3 +295,22 @@ def test_input_buffer_keeps_the_most_recent_rows():
     assert sorted(t.buffer_ND[:, 0].tolist()) == rows[2:7, 0].tolist()
     t._push_buffer(rows[7:13])  # more than the capacity at once
     assert sorted(t.buffer_ND[:, 0].tolist()) == rows[8:13, 0].tolist()
+
+
+def test_cli_divergence_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import fcsae.activations as activations
+
+    class NanCache(FakeCache):
+        def batches(self, batch_size, seed=0, start_batch=0):
+            for i, x in enumerate(stream(seed, start_batch)):
+                yield x * float("inf") if i == 2 else x
+
+    monkeypatch.setattr(activations, "ActivationCache", NanCache)
+    path = tmp_path / "cache"
+    path.mkdir()
+    (path / "fake.json").write_text(json.dumps({"d_in": D}))
+    rc = cli.main(["train", "--cache", str(path), "--dict-size", "32", "--tokens", str(B * 6),
+                   "--batch-size", str(B), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "at step 2" in err[-1]
+    assert not (tmp_path / "o" / "sae").exists()
