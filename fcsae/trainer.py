@@ -342,7 +342,7 @@ class Trainer:
             for key in [k.split(".", 2)[2] for k in list(t) if k.startswith(f"optim.{n}.")]:
                 val = take(f"optim.{n}.{key}")
                 if key == "step":
-                    state[key] = val.clone()
+                    state[key] = val.to(p.device)  # fused Adam keeps its step counter on the parameter's device
                 else:
                     # Same memory layout as the parameter (W_enc is a transposed view).
                     state[key] = torch.empty_like(p).copy_(val.to(self.device))
