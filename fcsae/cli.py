@@ -88,6 +88,8 @@ def _add_train(sub) -> None:
     src.add_argument("--model", default=None, help=f"harvest (or reuse) the cache of this model (default {DEFAULT_MODEL})")
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help=f"with --model: residual layer (default {DEFAULT_LAYER})")
     p.add_argument("--harvest-tokens", type=int, default=200_000, help="with --model: activation vectors to harvest")
+    p.add_argument("--corpus", default="offline", help="with --model: corpus to harvest ('offline', a local file, a datasets name)")
+    p.add_argument("--context-len", type=int, default=128, help="with --model: tokens per packed context (default 128)")
     p.add_argument("--config", default=None, help="YAML file with sections sae, trainer, split, tracker")
     p.add_argument("--dict-size", type=int, default=None, help="number of latents")
     p.add_argument("--k", type=int, default=None, help="active latents per token (topk)")
@@ -150,8 +152,9 @@ def _run_train(args) -> int:
     else:
         from fcsae.config import DEFAULT_MODEL, HarvestConfig, LMConfig
 
-        cache_path = activations.harvest(HarvestConfig(lm=LMConfig(model=args.model or DEFAULT_MODEL, layer=args.layer),
-                                                       tokens=args.harvest_tokens))
+        hcfg = HarvestConfig(lm=LMConfig(model=args.model or DEFAULT_MODEL, layer=args.layer), corpus=args.corpus,
+                             tokens=args.harvest_tokens, context_len=args.context_len)
+        cache_path = activations.harvest(hcfg)
     cache = activations.ActivationCache(cache_path)
     if "d_in" in sae_d and sae_d["d_in"] != cache.d_in:
         raise FcsaeInputError(f"sae.d_in: config says {sae_d['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")

@@ -314,3 +314,27 @@ def test_cli_divergence_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "at step 2" in err[-1]
     assert not (tmp_path / "o" / "sae").exists()
+
+
+def test_cli_end_to_end_on_a_real_tiny_cache(tmp_path, monkeypatch, capsys):
+    """--model/--layer: harvest a tiny random model's activations, train, interrupt-free resume is a no-op."""
+    from fcsae.activations import ActivationCache
+    from fcsae.lm import make_tiny_model, save_model
+    from tests._data_utils import tiny_texts, write_text_file
+
+    monkeypatch.setenv("FCSAE_HOME", str(tmp_path / "home"))
+    model_dir = save_model(make_tiny_model("gpt_neox", d_model=32, n_layers=2), tmp_path / "tiny-model")
+    text = write_text_file(tmp_path / "tiny.txt", tiny_texts(80))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--layer", "1", "--corpus", str(text), "--context-len", "16",
+            "--harvest-tokens", "512", "--dict-size", "64", "--k", "4", "--tokens", "1024", "--batch-size", "64",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 16 and 0 <= summary["fvu"] < 1.5
+    info = json.loads((out / "train.json").read_text())
+    cache = ActivationCache(info["cache"])
+    assert cache.d_in == 32 and info["norm_scale"] == cache.norm_scale
+    sae = SparseAutoencoder.load(out / "sae", expect=SAEConfig(d_in=32, dict_size=64, k=4))
+    assert cli.main(args) == 0  # resumes from the finished checkpoint: nothing to train, same SAE
+    torch.testing.assert_close(SparseAutoencoder.load(out / "sae").W_dec, sae.W_dec)
