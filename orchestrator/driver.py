@@ -107,7 +107,17 @@ def _record_ray_pids(root: Path) -> None:
 
     me = psutil.Process()
     procs = [{"pid": p.pid, "create_time": p.create_time()} for p in me.children(recursive=True)]
-    write_json(root / "ray_pids.json", {"driver": me.pid, "processes": procs})
+    write_json(root / "ray_pids.json", {"driver": me.pid, "driver_create_time": me.create_time(), "processes": procs})
+
+
+def _same_process(pid: int, create_time: float | None) -> bool:
+    """True if ``pid`` runs and is the process recorded (same start time), not a recycled pid."""
+    import psutil
+
+    try:
+        return create_time is not None and abs(psutil.Process(pid).create_time() - create_time) < 1e-3
+    except psutil.Error:
+        return False
 
 
 def stop_recorded_ray(root: Path) -> int:
@@ -121,17 +131,17 @@ def stop_recorded_ray(root: Path) -> int:
     if not path.exists():
         return 0
     info = json.loads(path.read_text())
-    if psutil.pid_exists(info.get("driver", -1)):
+    if _same_process(info.get("driver", -1), info.get("driver_create_time")):
         raise FcsaeInputError(f"{root}: another driver (pid {info['driver']}) is still running this experiment")
     stopped = []
     for rec in info.get("processes", []):
-        try:
-            p = psutil.Process(rec["pid"])
-            if abs(p.create_time() - rec["create_time"]) < 1e-3:
+        if _same_process(rec["pid"], rec["create_time"]):
+            try:
+                p = psutil.Process(rec["pid"])
                 p.terminate()
                 stopped.append(p)
-        except psutil.Error:
-            continue
+            except psutil.Error:
+                continue
     _, alive = psutil.wait_procs(stopped, timeout=5)
     for p in alive:
         p.kill()

@@ -221,3 +221,27 @@ def test_asha_stopped_trials_get_pruned_rows(tmp_path, ray_cluster):
     pruned = df.filter(df["status"] == "pruned")
     assert all("ASHA" in r for r in pruned["failure_reason"])
     assert sorted(pruned["trial_id"]) != sorted(_lines(exp / "fake_completions.log"))
+
+
+def test_leftover_processes_stopped_by_pid_and_start_time(tmp_path):
+    """Processes recorded by a dead driver are stopped; a pid whose start time differs (recycled) is left alone."""
+    mine = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        rec = lambda p, dt=0.0: {"pid": p.pid, "create_time": psutil.Process(p.pid).create_time() + dt}  # noqa: E731
+        (tmp_path / "ray_pids.json").write_text(json.dumps(
+            {"driver": 2**22 + 12345, "driver_create_time": 0.0, "processes": [rec(mine), rec(other, dt=100.0)]}))
+        assert driver.stop_recorded_ray(tmp_path) == 1
+        assert mine.wait(timeout=10) is not None
+        assert other.poll() is None
+        assert not (tmp_path / "ray_pids.json").exists()
+        # a live driver of the same experiment is refused
+        (tmp_path / "ray_pids.json").write_text(json.dumps(
+            {"driver": other.pid, "driver_create_time": psutil.Process(other.pid).create_time(), "processes": []}))
+        with pytest.raises(FcsaeInputError, match="still running"):
+            driver.stop_recorded_ray(tmp_path)
+    finally:
+        for p in (mine, other):
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
