@@ -206,7 +206,7 @@ class SplitEncoders(NamedTuple):
     """Encoder bias of each half."""
 
 
-def split_encoders(cent_2D: torch.Tensor) -> SplitEncoders:
+def split_encoders(cent_2D: torch.Tensor, max_norm: float | None = None) -> SplitEncoders:
     """Encoders that fire each half on its own group only, at the magnitude its unit decoder row needs.
 
     With ``p_g`` the part of centroid ``c_g`` orthogonal to the other centroid,
@@ -217,6 +217,13 @@ def split_encoders(cent_2D: torch.Tensor) -> SplitEncoders:
     directions with zero bias fired both halves on shared components, e.g. a
     parent direction, and on unrelated inputs, and over-reconstructed.)
     Falls back to the centroid direction when the two centroids are parallel.
+
+    When the centroids are nearly parallel (real activations share a large
+    common component) ``p_g`` is short and ``W`` long: such a latent then wins
+    the top k on unrelated inputs and wrecks reconstruction (explained variance
+    fell to -107 on SmolLM2 L8). With ``max_norm`` set, ``W`` and ``b`` are
+    scaled down together so that ``||W|| <= max_norm``: the same decision
+    boundary, a smaller activation that training then adjusts.
     """
     rows, biases = [], []
     for g in (0, 1):
@@ -224,8 +231,13 @@ def split_encoders(cent_2D: torch.Tensor) -> SplitEncoders:
         perp = c - (c @ o) / (o @ o).clamp_min(1e-12) * o
         if perp.norm() < 1e-3 * c.norm():
             perp = c
-        rows.append(2.0 * perp * c.norm() / (perp @ c).clamp_min(1e-12))
-        biases.append(-c.norm())
+        w = 2.0 * perp * c.norm() / (perp @ c).clamp_min(1e-12)
+        b = -c.norm()
+        if max_norm is not None and float(w.norm()) > max_norm:
+            shrink = max_norm / float(w.norm())
+            w, b = w * shrink, b * shrink
+        rows.append(w)
+        biases.append(b)
     return SplitEncoders(torch.stack(rows), torch.stack(biases))
 
 
@@ -242,7 +254,9 @@ def apply_split(ctx, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
     sae = ctx.sae
     cent_2D = km.centroids_2D.float()
     unit_2D = cent_2D / cent_2D.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    enc = split_encoders(cent_2D)
+    # Bound the new encoders by the split latent's own encoder norm, which was
+    # a working alive latent's scale (see ``split_encoders``).
+    enc = split_encoders(cent_2D, max_norm=float(sae.W_enc[:, lat].norm()))
     own = sae.W_dec[lat] / sae.W_dec[lat].norm().clamp_min(1e-12)
     mine = int((unit_2D @ own.float()).argmax())  # keep the half closest to what the latent already is
     other = 1 - mine

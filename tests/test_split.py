@@ -108,6 +108,7 @@ def test_split_puts_the_two_latents_on_the_planted_clusters(caplog):
     assert tracker.scores().score_F.argmax() == 0
     ctx = context(sae, x, tracker)
     W_dec_before = sae.W_dec.detach().clone()
+    enc_norm_before = float(sae.W_enc[:, 0].norm())
     with caplog.at_level(logging.INFO, logger="fcsae.split"):
         events = SplitPolicy(SplitConfig(criterion="fc", rule="top_fraction", top_fraction=0.01, min_inputs=8))(ctx)
     assert len(events) == 1
@@ -119,9 +120,12 @@ def test_split_puts_the_two_latents_on_the_planted_clusters(caplog):
     # One latent on each cluster direction (which is which: latent 0 keeps the closer one, a tie here).
     assert (cos.max(1).values > 0.99).all() and cos.argmax(1).unique().numel() == 2
     assert torch.allclose(sae.W_dec[[0, 5]].norm(dim=1), torch.ones(2))
-    # Each half's encoder is on (by its centroid's norm) at its own cluster and off at the other.
+    # Each half's encoder is on at its own cluster and off, by as much, at the other;
+    # its norm is capped by the split latent's encoder norm before the split.
     pre = (torch.stack([4 * e0, 4 * e1]) - sae.b_dec) @ sae.W_enc[:, [0, 5]] + sae.b_enc[[0, 5]]
-    assert (pre.diagonal() > 3.5).all() and (pre.fliplr().diagonal() < -3.5).all()
+    assert (pre.diagonal() > 0.5).all() and (pre.fliplr().diagonal() < -0.5).all()
+    torch.testing.assert_close(pre.diagonal(), -pre.fliplr().diagonal(), atol=0.1, rtol=0.05)
+    assert (sae.W_enc[:, [0, 5]].norm(dim=0) <= enc_norm_before * (1 + 1e-5)).all()
     # Others untouched; Adam moments and tracker stats of both reset.
     others = [1, 2, 3, 4, 6, 7]
     torch.testing.assert_close(sae.W_dec[others], W_dec_before[others])
@@ -224,3 +228,19 @@ def test_every_criterion_runs_end_to_end_in_the_trainer(criterion, tmp_path):
     again = Trainer.load_checkpoint(tmp_path / "ck")
     for a, b in zip(trainer.tracker.scores(), again.tracker.scores()):
         torch.testing.assert_close(a, b)
+
+
+def test_split_encoders_norm_is_capped_for_nearly_parallel_centroids():
+    # Real activations share a big common component: the orthogonal parts are short and
+    # the uncapped encoder is long enough to win the top k everywhere.
+    common = torch.zeros(6)
+    common[0] = 20.0
+    cent = torch.stack([common + 0.05 * torch.eye(6)[1], common + 0.05 * torch.eye(6)[2]])
+    free = split_encoders(cent)
+    assert (free.W_2D.norm(dim=1) > 100).all()
+    capped = split_encoders(cent, max_norm=1.0)
+    torch.testing.assert_close(capped.W_2D.norm(dim=1), torch.ones(2))
+    # The same decision boundary: pre-activations keep their signs at both centroids.
+    pre_free = cent @ free.W_2D.T + free.b_2
+    pre_cap = cent @ capped.W_2D.T + capped.b_2
+    assert torch.equal(pre_free > 0, pre_cap > 0)
