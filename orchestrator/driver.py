@@ -202,9 +202,24 @@ class _RowKeeper:
         self._record(trial, "pruned", "stopped early by the ASHA scheduler")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial, "failed", _error_line(trial))
+
+
+def _error_line(trial) -> str:
+    """The last line of Tune's record of a trial's error, or a generic reason."""
+    texts = []
+    try:
         err = trial.get_error()
-        reason = str(err).strip().splitlines()[-1] if err else "trial errored (worker died or was killed)"
-        self._record(trial, "failed", reason)
+        texts.append(str(err) if err else "")
+        if trial.error_file and Path(trial.error_file).exists():
+            texts.append(Path(trial.error_file).read_text())
+    except Exception:  # the reason is best effort; the row must be written regardless
+        log.debug("no error details for %s", trial.trial_id, exc_info=True)
+    for text in texts:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    return "trial errored (worker died or was killed)"
 
 
 def _tune_callback(obj):

@@ -8,6 +8,7 @@ already running Ray cluster do not see later environment changes):
 
 - ``step_s``: seconds per step (default 0.01);
 - ``fail``: a ``split.criterion`` value whose trials raise;
+- ``die``: a ``split.criterion`` value whose trials kill their worker process;
 - every completed run appends its trial id to ``<experiment>/fake_completions.log``
   and every start to ``fake_starts.log`` (so tests can check nothing ran twice).
 """
@@ -48,6 +49,8 @@ def run(ctx) -> TrialOutcome:
     t0 = time.perf_counter()
     if cfgs["split"].criterion == behaviour.get("fail"):
         raise FloatingPointError(f"loss diverged at step {step} (fake)")
+    if cfgs["split"].criterion == behaviour.get("die"):
+        os._exit(137)  # the worker dies as under the OOM killer: no row, no exception in the trial
     while step < total:
         time.sleep(step_s)
         step += 1

@@ -245,3 +245,16 @@ def test_leftover_processes_stopped_by_pid_and_start_time(tmp_path):
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+
+
+@pytest.mark.slow
+def test_dead_worker_gets_a_failed_row_from_the_driver(tmp_path, ray_cluster):
+    """A worker killed outright (as by the OOM killer) cannot write its row; the driver writes it."""
+    (tmp_path / "fake.json").write_text(json.dumps({"die": "fc"}))
+    exp = tmp_path / "exp"
+    outcome = driver.run_sweep(_spec(), exp, live=False)
+    assert outcome.complete and outcome.counts == {"ok": 2, "failed": 2, "pruned": 0, "total": 4}
+    df = store.scan_results(exp / "results").collect()
+    failed = df.filter(df["status"] == "failed")
+    assert set(failed["split.criterion"]) == {"fc"} and failed["failure_reason"].null_count() == 0
+    assert all("died" in r or "killed" in r for r in failed["failure_reason"])
