@@ -258,3 +258,14 @@ def test_dead_worker_gets_a_failed_row_from_the_driver(tmp_path, ray_cluster):
     failed = df.filter(df["status"] == "failed")
     assert set(failed["split.criterion"]) == {"fc"} and failed["failure_reason"].null_count() == 0
     assert all("died" in r or "killed" in r for r in failed["failure_reason"])
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path, ray_cluster):
+    (tmp_path / "fake.json").write_text(json.dumps({"fail": "none"}))  # grid cell 0: the very first trial
+    exp = tmp_path / "exp"
+    raw = copy.deepcopy(SPACE)
+    raw.update(num_samples=8, max_concurrent=1)
+    outcome = driver.run_sweep(space.parse_space(raw), exp, fail_fast=True, live=False)
+    assert outcome.counts["failed"] >= 1 and not outcome.complete
+    assert outcome.counts["ok"] + outcome.counts["failed"] < 8
