@@ -185,6 +185,9 @@ def test_resume_after_sigkill_runs_every_trial_exactly_once(tmp_path):
         assert tid in completions
     assert "4 ok, 0 failed, 0 pruned of 4" in out
     assert not (exp / "ray_pids.json").exists()
+    # the Optuna study continued: trial numbers went on (grid stays balanced), no sample was drawn twice
+    assert sorted(df["split.criterion"]) == ["fc", "fc", "none", "none"]
+    assert df["tracker.ema_alpha"].n_unique() == 4
 
 
 @pytest.mark.slow
