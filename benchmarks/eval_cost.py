@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +69,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     real = _prepared_home()
-    os.environ["FCSAE_HOME"] = str(_cold_home(real))
+    cold = _cold_home(real)
+    os.environ["FCSAE_HOME"] = str(cold)
+    try:
+        return _run(args, p)
+    finally:
+        shutil.rmtree(cold, ignore_errors=True)  # removes the symlinks, not what they point to
+
+
+def _run(args, p) -> int:
     from fcsae.config import DEFAULT_LAYER, DEFAULT_MODEL, EvalConfig, LMConfig
     from fcsae.evals.absorption import evaluate_absorption
     from fcsae.evals.core import evaluate_core

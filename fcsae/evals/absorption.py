@@ -274,6 +274,13 @@ def evaluate_absorption(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale:
     lm = load_lm(lm_cfg, lm)
     check_sae_matches(sae, lm, lm_cfg.layer)
     data = prepare_absorption_cache(lm_cfg, eval_cfg, lm=lm, progress=progress)
+    # Per-SAE work is many small ops: one torch thread (the L1 ranking probe took 3-5 s with 1 thread and 43 s
+    # with 2 on the shared 2-core machine at load ~6), one BLAS thread for the sklearn fits.
+    with probe_mod.one_thread(), threadpool_limits(limits=1, user_api="blas"):
+        return _score_sae(sae, data, norm_scale, eval_cfg)
+
+
+def _score_sae(sae, data: ProbeData, norm_scale: float, eval_cfg: EvalConfig) -> AbsorptionResult:
     x_tr, x_te = data.acts_train_ND * norm_scale, data.acts_test_ND * norm_scale
     lat_tr_full, lat_te = _encode(sae, x_tr), _encode(sae, x_te)
     active = (lat_tr_full != 0).any(0).nonzero().squeeze(1)
@@ -287,9 +294,7 @@ def evaluate_absorption(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale:
         log.warning("absorption eval: only %d letters pass probe F1 > %.2f (SAEBench wants %d)",
                     len(kept), eval_cfg.probe_f1_min, MIN_LETTERS_WARN)
     W_dec = sae.W_dec.detach().float().cpu()
-    # Tiny BLAS problems: extra BLAS threads only add contention (measured 3x slower on the 2-core machine).
-    with threadpool_limits(limits=1, user_api="blas"):
-        rows = [_letter_row(i, data, lat_tr, lat_te, active, ranking, x_te, W_dec, eval_cfg) for i in kept]
+    rows = [_letter_row(i, data, lat_tr, lat_te, active, ranking, x_te, W_dec, eval_cfg) for i in kept]
     table = pl.DataFrame(rows, schema={
         "letter": pl.Utf8, "probe_f1": pl.Float64, "sparse_f1_k1": pl.Float64, "sparse_f1_main": pl.Float64,
         "num_split_features": pl.Int64, "main_latents": pl.List(pl.Int64), "num_probe_true_positives": pl.Int64,

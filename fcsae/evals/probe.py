@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -210,6 +211,17 @@ def _groups(idx: list[int], vocab: Vocab, n_groups: int, n_examples: int, rng: r
 # ------------------------------------------------------------------ activations
 
 
+@contextmanager
+def one_thread():
+    """Run the block with one torch intra-op thread (for many small ops), restoring the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Stop(Exception):
     """Raised by a forward hook once the probed layer has run: nothing above it is needed."""
 
@@ -275,11 +287,9 @@ def _acts_kv(hf, layer: int, prefix: list[int], suffixes: list[list[int]], word_
     from transformers import DynamicCache
 
     device = next(hf.parameters()).device
-    threads = torch.get_num_threads()
     # Many small ops on 2-token batches: one intra-op thread avoids OpenMP sync costs, which dominate when
     # the machine is shared (one 100-word prefix group of SmolLM2: 4.6 s with 1 thread, 33 s with 2, at load ~14).
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         cache = DynamicCache(config=hf.config)
         _run_to_layer(hf, layer, torch.tensor([prefix], device=device), cache)
         out = []
@@ -289,8 +299,6 @@ def _acts_kv(hf, layer: int, prefix: list[int], suffixes: list[list[int]], word_
             c.batch_repeat_interleave(len(chunk))
             h = _run_to_layer(hf, layer, torch.tensor(chunk, device=device), c)
             out.append(h[:, word_pos].float().cpu())
-    finally:
-        torch.set_num_threads(threads)
     return torch.cat(out)
 
 
