@@ -263,8 +263,9 @@ def evaluate_absorption(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale:
                         progress: bool = True) -> AbsorptionResult:
     """First-letter absorption of ``sae`` (see the module docstring); per call only encodes and probes run.
 
-    ``lm`` is only loaded when the cache entry has to be (re)built or the SAE
-    width must be checked against it; pass it to avoid the load.
+    ``lm`` is the loaded model (loaded from ``lm_cfg`` when None). An SAE none
+    of whose latents fires on the probe words gets NaN scores (and a warning),
+    not an error, so a collapsed trial in a sweep is still recorded.
     """
     from fcsae.evals.core import check_sae_matches, load_lm
 
@@ -284,17 +285,19 @@ def _score_sae(sae, data: ProbeData, norm_scale: float, eval_cfg: EvalConfig) ->
     x_tr, x_te = data.acts_train_ND * norm_scale, data.acts_test_ND * norm_scale
     lat_tr_full, lat_te = _encode(sae, x_tr), _encode(sae, x_te)
     active = (lat_tr_full != 0).any(0).nonzero().squeeze(1)
-    if active.numel() == 0:
-        raise FcsaeInputError("absorption eval: no SAE latent fires on any probe word (is norm_scale right?)")
-    lat_tr = lat_tr_full[:, active]
-    del lat_tr_full
-    ranking = l1_probe_weights(lat_tr, data.labels_train_N, len(LETTERS), eval_cfg.seed)
     kept = [i for i, m in enumerate(data.probe_metrics) if m["f1"] > eval_cfg.probe_f1_min]
     if len(kept) < MIN_LETTERS_WARN:
         log.warning("absorption eval: only %d letters pass probe F1 > %.2f (SAEBench wants %d)",
                     len(kept), eval_cfg.probe_f1_min, MIN_LETTERS_WARN)
-    W_dec = sae.W_dec.detach().float().cpu()
-    rows = [_letter_row(i, data, lat_tr, lat_te, active, ranking, x_te, W_dec, eval_cfg) for i in kept]
+    rows = []
+    if active.numel() == 0:
+        log.warning("absorption eval: no SAE latent fires on any probe word (is norm_scale right?): scores are NaN")
+    else:
+        lat_tr = lat_tr_full[:, active]
+        del lat_tr_full
+        ranking = l1_probe_weights(lat_tr, data.labels_train_N, len(LETTERS), eval_cfg.seed)
+        W_dec = sae.W_dec.detach().float().cpu()
+        rows = [_letter_row(i, data, lat_tr, lat_te, active, ranking, x_te, W_dec, eval_cfg) for i in kept]
     table = pl.DataFrame(rows, schema={
         "letter": pl.Utf8, "probe_f1": pl.Float64, "sparse_f1_k1": pl.Float64, "sparse_f1_main": pl.Float64,
         "num_split_features": pl.Int64, "main_latents": pl.List(pl.Int64), "num_probe_true_positives": pl.Int64,

@@ -215,3 +215,13 @@ def test_sae_width_mismatch_is_refused(tiny_lm, home):
     with pytest.raises(FcsaeInputError, match="d_in=16 does not match"):
         absorption.evaluate_absorption(identity_sae(16), LMConfig(model="tiny", layer=0), SMALL, 1.0, lm=tiny_lm,
                                        progress=False)
+
+
+def test_a_dead_sae_gets_nan_scores_not_an_error(tiny_lm, monkeypatch):
+    _, data = _planted()
+    monkeypatch.setattr(absorption, "prepare_absorption_cache", lambda *a, **k: data)
+    dead = DenseSAE(torch.zeros(32, 8), torch.randn(8, 32), relu=True)
+    res = absorption.evaluate_absorption(dead, LMConfig(model="tiny", layer=0), EvalConfig(), 1.0, lm=tiny_lm,
+                                         progress=False)
+    assert math.isnan(res.summary["mean_absorption_fraction"]) and res.summary["n_letters_scored"] == 0
+    assert res.per_letter.height == 0
