@@ -177,7 +177,8 @@ def test_resume_after_sigkill_runs_every_trial_exactly_once(tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     df = store.scan_results(exp / "results").collect()
-    assert df.height == 4 and df["trial_id"].n_unique() == 4 and set(df["status"]) == {"ok"}
+    failed = df.filter(df["status"] != "ok").select("trial_id", "status", "failure_reason").rows()
+    assert df.height == 4 and df["trial_id"].n_unique() == 4 and not failed, f"{failed}\n{out[-3000:]}"
     assert set(df["sweep_id"]) == {json.loads((exp / "sweep.json").read_text())["sweep_id"]}
     completions = _lines(exp / "fake_completions.log")
     assert sorted(completions) == sorted(df["trial_id"])  # no finished trial ran twice
