@@ -20,12 +20,7 @@ from fcsae.tracker import FrequencyConsistencyTracker
 from fcsae.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_latent_roles_absorber_wins():

@@ -11,13 +11,7 @@ from fcsae.sae import SparseAutoencoder
 D, FN, K = 8, 32, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on the shared 2-core machine (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_sae_and_adam(activation="topk"):

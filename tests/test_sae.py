@@ -12,13 +12,7 @@ from fcsae.sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder, geometric_media
 D, FN, K = 12, 48, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on the shared 2-core machine (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(auxk_dead=True):

@@ -17,13 +17,7 @@ D, FN, K, B = 16, 64, 4, 64
 BASIS = torch.randn(48, D, generator=torch.Generator().manual_seed(123))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on the shared 2-core machine (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed: int, i: int) -> torch.Tensor:
