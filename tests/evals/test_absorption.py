@@ -13,12 +13,7 @@ from fcsae.evals.probe import LETTERS, ProbeData
 from tests._evals_utils import DenseSAE, identity_sae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the per-word rule, by hand

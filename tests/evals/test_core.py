@@ -13,12 +13,7 @@ from fcsae.evals.core import ReconAccumulator, downstream_scores, kl_exact, kl_t
 from tests._evals_utils import DenseSAE, identity_sae, write_text_corpus, zero_sae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ pure metrics
