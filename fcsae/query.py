@@ -122,7 +122,7 @@ BEST_SQL = """
 SELECT {columns}
 FROM trials
 WHERE status = 'ok' AND "{metric}" IS NOT NULL
-ORDER BY "{metric}" {order}
+ORDER BY "{metric}" {order}, trial_id
 LIMIT 5
 """
 
@@ -137,7 +137,7 @@ SELECT "split.criterion" AS criterion,
 FROM trials
 WHERE status = 'ok' AND "{metric}" IS NOT NULL AND "core.l0" IS NOT NULL
 GROUP BY criterion, l0_bin
-ORDER BY l0_bin, metric_mean
+ORDER BY l0_bin, metric_mean, criterion
 """
 
 LETTERS_SQL = """
@@ -152,7 +152,7 @@ FAILED_SQL = """
 SELECT trial_id, status, failure_reason, "split.criterion", "trainer.seed", finished_at
 FROM trials
 WHERE status <> 'ok'
-ORDER BY finished_at
+ORDER BY finished_at, trial_id
 """
 
 

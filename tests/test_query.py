@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import polars as pl
+from polars.testing import assert_frame_equal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -84,7 +85,11 @@ def test_documented_recipes_match_their_sql(results):
     t = load_tables(results)
     blocks = _doc_blocks("sql")
     assert run_sql(t, blocks[0]).equals(run_recipe(t, "best"))
-    assert run_sql(t, blocks[1]).equals(run_recipe(t, "matched-l0"))
+    # Grouped means: polars' parallel aggregation may differ in the last bits between
+    # runs (and so may the order of exact ties), so compare sorted, to a tolerance.
+    keys = ["criterion", "l0_bin"]
+    assert_frame_equal(run_sql(t, blocks[1]).sort(keys), run_recipe(t, "matched-l0").sort(keys),
+                       check_exact=False, rel_tol=1e-9)
     assert run_sql(t, blocks[2]).equals(run_recipe(t, "letters", trial="t000"))
     failed_doc = [b for b in blocks if "failure_reason, \"split" in b][0]
     assert run_sql(t, failed_doc).equals(run_recipe(t, "failed"))
