@@ -108,7 +108,7 @@ def test_split_puts_the_two_latents_on_the_planted_clusters(caplog):
     assert tracker.scores().score_F.argmax() == 0
     ctx = context(sae, x, tracker)
     W_dec_before = sae.W_dec.detach().clone()
-    enc_norm_before = float(sae.W_enc[:, 0].norm())
+    enc_norm_before = float(sae.W_enc[:, 0].detach().norm())
     with caplog.at_level(logging.INFO, logger="fcsae.split"):
         events = SplitPolicy(SplitConfig(criterion="fc", rule="top_fraction", top_fraction=0.01, min_inputs=8))(ctx)
     assert len(events) == 1
