@@ -24,21 +24,10 @@ import time
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig
+from fcsae.config import CRITERIA, SAEConfig, SplitConfig, TrackerConfig, TrainerConfig
 from fcsae.sae import SparseAutoencoder
-from fcsae.toy import ToyConfig, make_toy, measure_absorption
+from fcsae.toy import ToyConfig, make_toy, measure_absorption, toy_batches
 from fcsae.trainer import Trainer
-
-CRITERIA = ("none", "dead", "fc", "frequency", "inconsistency")
-
-
-def batches(x_ND: torch.Tensor, batch_size: int, seed: int):
-    """Shuffled batches over the training samples, epoch after epoch."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x_ND), generator=g)
-        for i in range(0, len(x_ND) - batch_size + 1, batch_size):
-            yield x_ND[perm[i:i + batch_size]]
 
 
 def auroc(score_L: torch.Tensor, positive_L: torch.Tensor, mask_L: torch.Tensor) -> float:
@@ -58,7 +47,7 @@ def run(criterion: str, seed: int, args, toy_train, toy_test) -> dict:
     split = SplitConfig(criterion=criterion, rule=args.rule, z=args.z, top_fraction=args.top_fraction)
     tracker = TrackerConfig(enabled=True, consistency=args.consistency, weighting=args.weighting)
     trainer = Trainer(sae, tcfg, split, tracker)
-    events = trainer.fit(batches(toy_train.x_ND, args.batch_size, seed))
+    events = trainer.fit(toy_batches(toy_train.x_ND, args.batch_size, seed))
     sae.eval()
     x = toy_test.x_ND
     with torch.no_grad():

@@ -326,15 +326,6 @@ class ToyAnalysis(NamedTuple):
     absorption: dict
 
 
-def toy_batches(x_ND: torch.Tensor, batch_size: int, seed: int):
-    """Shuffled batches of the toy samples, epoch after epoch."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x_ND), generator=g)
-        for i in range(0, len(x_ND) - batch_size + 1, batch_size):
-            yield x_ND[perm[i:i + batch_size]]
-
-
 def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: int = 64, k: int = 4,
             batch_size: int = 512, snapshot_every: int = 25, toy_cfg=None) -> ToyAnalysis:
     """Train a TopK SAE on the planted toy with the tracker on, and label latents by ground truth.
@@ -343,7 +334,7 @@ def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: i
     parent's own latent (the one a perfect SAE would keep), ``other`` the rest.
     """
     from fcsae.sae import SparseAutoencoder
-    from fcsae.toy import ToyConfig, make_toy, measure_absorption
+    from fcsae.toy import ToyConfig, make_toy, measure_absorption, toy_batches
     from fcsae.trainer import Trainer
 
     toy = make_toy(toy_cfg or ToyConfig(), seed=seed)

@@ -212,3 +212,12 @@ def measure_absorption(sae, toy: ToyData, tau_act: float = 0.0, align_cos: float
                "parent_cos": sum(r["cos"] for r in per_parent) / k,
                "n_absorbers": float(absorber_L.sum())}
     return ToyAbsorption(summary, per_parent, absorber_L)
+
+
+def toy_batches(x_ND: torch.Tensor, batch_size: int, seed: int):
+    """Shuffled batches of the toy samples, epoch after epoch (the trainer decides when to stop)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x_ND), generator=g)
+        for i in range(0, len(x_ND) - batch_size + 1, batch_size):
+            yield x_ND[perm[i:i + batch_size]]
