@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 from orchestrator import driver, space  # noqa: E402
-from results_schema import store  # noqa: E402
+from results_schema import reader  # noqa: E402
 
 STEPS = 20
 
@@ -71,7 +71,7 @@ def measure(trials: int, trial_seconds: float, concurrency: int, workdir: Path) 
     wall, end_clock = time.perf_counter() - t0, time.time()
     if not outcome.complete or outcome.counts["ok"] != trials:
         raise SystemExit(f"sweep at concurrency {concurrency} did not finish: {outcome.counts}")
-    rows = store.scan_results(exp / "results").collect()
+    rows = reader.scan_results(exp / "results").collect()
     first_start = rows["started_at"].min().timestamp()
     last_row = rows["finished_at"].max().timestamp()
     return Measured(wall, float((rows["train_seconds"] + rows["eval_seconds"]).sum()),

@@ -255,7 +255,9 @@ def _run_query(args) -> int:
         raise FcsaeInputError("query: give either SQL or --recipe NAME (not both); see --list")
     if args.recipe and args.recipe not in query.RECIPES:
         raise FcsaeInputError(f"--recipe: unknown recipe {args.recipe!r}; allowed: {', '.join(query.RECIPES)}")
-    tables = query.load_tables(args.results)
+    from results_schema.reader import load_tables
+
+    tables = load_tables(args.results)
     for problem in tables.problems:
         print(f"fcsae: warning: skipped {problem}", file=sys.stderr)
     if args.recipe:

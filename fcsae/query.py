@@ -1,14 +1,12 @@
-"""Read a sweep's result tables tolerantly and query them with polars SQL; the common questions as named recipes.
+"""Query a sweep's result tables with polars SQL; the common questions as named recipes.
 
-Tables (``load_tables``):
+The tables come from ``results_schema.reader.load_tables`` (the one reader):
 
 - ``trials``: one row per finished trial (``results_schema.schema.TRIAL_SCHEMA``);
 - ``letters``: the per-letter absorption rows (``PER_LETTER_SCHEMA``) of those
   trials, joined to ``trials`` on ``trial_id``.
 
-Files that cannot be read (corrupt, unknown major schema version) are skipped
-with one problem line each naming the file, so one bad trial does not hide the
-others; ``FcsaeInputError`` only when no trial row at all is readable.
+Files that cannot be read are skipped there, with one problem line each.
 Dotted column names must be double-quoted in SQL: ``"split.criterion"``.
 The recipes are documented, with their SQL, in docs/queries.md.
 """
@@ -16,13 +14,12 @@ The recipes are documented, with their SQL, in docs/queries.md.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import polars as pl
-import pyarrow as pa
 
 from fcsae.errors import FcsaeInputError
+from results_schema.reader import ResultTables
 
 log = logging.getLogger(__name__)
 
@@ -30,77 +27,6 @@ DEFAULT_METRIC = "absorption.mean_absorption_fraction"
 """Metric the recipes rank and explain by default (lower is better)."""
 L0_BIN = 4
 """Width (in active latents per token) of the L0 bins that count as "matched sparsity"."""
-
-
-class ResultTables(NamedTuple):
-    """The readable rows of a results directory and what could not be read."""
-
-    trials: pl.DataFrame
-    """Trial rows (current schema's columns; older minors' missing columns are null)."""
-    letters: pl.DataFrame
-    """Per-letter rows of the trials in ``trials`` (empty when no trial ran the absorption eval)."""
-    problems: list[str]
-    """One line per skipped file, naming it and why."""
-    results_dir: Path
-    """The ``results`` directory that was read."""
-    schema_versions: list[str]
-    """Distinct schema versions of the readable trial rows, sorted."""
-
-
-def resolve_results_dir(path: str | Path) -> Path:
-    """``path`` itself, or ``path/results`` when ``path`` is an experiment directory (has ``sweep.json``)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FcsaeInputError(f"{path}: results directory does not exist; pass <experiment>/results or <experiment>")
-    if (path / "results").is_dir() and not any(path.glob("*.parquet")):
-        return path / "results"
-    return path
-
-
-def _read_each(files: list[Path], schema: pa.Schema, problems: list[str]) -> pl.DataFrame:
-    """Read file by file so a bad file is skipped and named instead of failing the whole scan."""
-    from results_schema import store
-
-    frames = []
-    for f in files:
-        try:
-            # store._scan validates the file's schema version and reads it against the current schema.
-            frames.append(store._scan([f], schema).collect())
-        except FcsaeInputError as e:
-            problems.append(str(e))
-        except Exception as e:  # a torn data page can pass the footer check and fail on read
-            problems.append(f"{f}: not a readable Parquet file ({type(e).__name__}: {e}); delete it or re-run its trial")
-    if not frames:
-        return pl.from_arrow(schema.empty_table())
-    return pl.concat(frames, how="vertical")
-
-
-def load_tables(path: str | Path) -> ResultTables:
-    """Trials and per-letter rows of a results (or experiment) directory, skipping unreadable files.
-
-    Raises ``FcsaeInputError`` when the directory is missing, holds no result
-    files, or none of its trial files is readable (the message lists why).
-    """
-    from results_schema import store
-    from results_schema.schema import PER_LETTER_SCHEMA, TRIAL_SCHEMA
-
-    results_dir = resolve_results_dir(path)
-    files = store.trial_files(results_dir)
-    if not files:
-        raise FcsaeInputError(f"{results_dir}: no result files (*.parquet); has any trial finished?")
-    problems: list[str] = []
-    trials = _read_each(files, TRIAL_SCHEMA, problems)
-    if trials.height == 0:
-        raise FcsaeInputError(f"{results_dir}: no readable trial rows ({len(problems)} bad files); first: {problems[0]}")
-    sub = results_dir / store.PER_LETTER_DIR
-    letter_files = sorted(sub.glob("*.parquet")) if sub.is_dir() else []
-    letters = _read_each(letter_files, PER_LETTER_SCHEMA, problems)
-    # A per-letter file is written before its trial row: without the row the trial is not finished.
-    letters = letters.filter(pl.col("trial_id").is_in(trials["trial_id"].implode()))
-    for p in problems:
-        log.debug("skipped: %s", p)
-    versions = sorted(v for v in trials["schema_version"].unique().to_list() if v is not None)
-    return ResultTables(trials, letters, problems, results_dir, versions)
 
 
 def run_sql(tables: ResultTables, sql: str) -> pl.DataFrame:

@@ -1,4 +1,4 @@
-"""Entry points ``fcsae-sweep`` and ``fcsae-report``: parsing only.
+"""Entry point ``fcsae-sweep``: parsing only (``fcsae-report`` lives in ``fcsae.report.cli``, Ray-free).
 
 Ray is imported lazily by the driver, so ``--help`` and validation errors are fast.
 """
@@ -64,7 +64,7 @@ def _print_summary(spec, root: Path) -> None:
 
     from orchestrator.progress import summary_table
     from orchestrator.trainable import ExperimentPaths
-    from results_schema.store import scan_results
+    from results_schema.reader import scan_results
 
     rows = scan_results(ExperimentPaths(root).results).collect()
     with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=200, float_precision=4, tbl_hide_dataframe_shape=True):
@@ -111,31 +111,4 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print(f"sweep incomplete; resume with: fcsae-sweep --space {args.space} --experiment-dir {root} --resume",
               file=sys.stderr)
         return 130
-    return 0
-
-
-def report_main(argv: list[str] | None = None) -> int:
-    """``fcsae-report RESULTS_DIR [--out DIR]``: write a sweep's report; exit 2 only when nothing can be built."""
-    p = argparse.ArgumentParser(
-        prog="fcsae-report",
-        description="Write a self-contained report of a sweep (report.md, report.html, figures/*.png, tables/*.csv): "
-        "best trials, baseline vs split criteria, Pareto fronts, parameter effects, per-letter absorption, split "
-        "events. Works on running or interrupted sweeps. See docs/report.md.",
-    )
-    p.add_argument("results", help="the sweep's results directory (<experiment>/results) or its experiment directory")
-    p.add_argument("--out", default=None, help="output directory (default <experiment>/report); replaced if it holds a report")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from orchestrator.report import build_report
-
-        result = build_report(args.results, args.out)
-    except FcsaeInputError as e:
-        print(f"fcsae-report: error: {e}", file=sys.stderr)
-        return 2
-    for problem in result.problems:
-        print(f"fcsae-report: warning: {problem}", file=sys.stderr)
-    state = " (PARTIAL: sweep running or interrupted)" if result.partial else ""
-    print(f"report{state}: {result.markdown} ({len(result.figures)} figures; also {result.html.name})")
     return 0

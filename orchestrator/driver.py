@@ -36,7 +36,7 @@ from fcsae.errors import FcsaeInputError
 from fcsae.io import write_json
 from orchestrator.space import SweepSpec, suggest
 from orchestrator.trainable import ExperimentPaths, load_runner, record_missing_row, run_trial
-from results_schema import store
+from results_schema import reader
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
         # restore() unpickles the old RunConfig, callbacks included: give it this driver's live ones.
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
-    if resuming and store.trial_files(paths.results):
+    if resuming and reader.trial_files(paths.results):
         raise FcsaeInputError(f"{root}: results exist but Ray's experiment state is missing; pass --restart")
     tune_cfg = tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec), num_samples=spec.num_samples,
                                reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id)
@@ -320,7 +320,7 @@ def prepare_shared(spec: SweepSpec, root: Path) -> dict:
 
 def count_rows(root: Path, num_samples: int) -> dict[str, int]:
     """Rows per status in the experiment's results, and the ``total`` trials asked for."""
-    done = store.finished_trials(ExperimentPaths(root).results)
+    done = reader.finished_trials(ExperimentPaths(root).results)
     counts = {s: 0 for s in ("ok", "failed", "pruned")}
     for status in done.values():
         counts[status] = counts.get(status, 0) + 1
@@ -343,7 +343,7 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
                  spec.num_samples)
     shared = prepare_shared(spec, root)
     started = start_ray(address, num_cpus, root)
-    progress = SweepProgress(spec, store.finished_trials(ExperimentPaths(root).results), live=live)
+    progress = SweepProgress(spec, reader.finished_trials(ExperimentPaths(root).results), live=live)
     try:
         check_cluster_resources(spec)
         tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast,

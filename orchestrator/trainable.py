@@ -33,7 +33,7 @@ import polars as pl
 
 import fcsae
 from orchestrator.space import SweepSpec, section_configs
-from results_schema import store
+from results_schema import reader, store
 from results_schema.schema import TRIAL_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     paths = ExperimentPaths(Path(root))
     trial_id = tune.get_context().get_trial_id()
     params = dict(config)
-    existing = store.read_trial(paths.results, trial_id)
+    existing = reader.read_trial(paths.results, trial_id)
     if existing is not None:
         # Finished before an interruption: never train it twice; tell Tune the recorded outcome.
         log.info("trial %s already has a %s row; not re-running", trial_id, existing["status"])
@@ -225,7 +225,7 @@ def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str,
     Returns True if a row was written (False when the trial already has one).
     """
     paths = ExperimentPaths(Path(root))
-    if store.read_trial(paths.results, trial_id) is not None:
+    if reader.read_trial(paths.results, trial_id) is not None:
         return False
     row = base_row(spec, sweep_id, trial_id, params, paths.trials / trial_id, _now())
     row.update(status=status, failure_reason=reason[:500])

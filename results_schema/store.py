@@ -1,4 +1,4 @@
-"""Write one Parquet file per trial atomically; scan a results directory with polars.
+"""Write one Parquet file per trial atomically (reading is ``results_schema.reader``'s).
 
 Layout of a results directory::
 
@@ -23,9 +23,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fcsae.errors import FcsaeInputError
 from fcsae.io import atomic_path
-from results_schema.schema import METADATA_KEY, PER_LETTER_SCHEMA, SCHEMA_VERSION, STATUSES, TRIAL_SCHEMA, major
+from results_schema.schema import PER_LETTER_SCHEMA, SCHEMA_VERSION, STATUSES, TRIAL_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,8 @@ PER_LETTER_DIR = "per_letter"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def _check_trial_id(trial_id: str) -> None:
+def check_trial_id(trial_id: str) -> None:
+    """Refuse a trial id that is not a plain file name (it names the row's file)."""
     if not trial_id or not _SAFE_ID.match(trial_id):
         raise ValueError(f"trial_id {trial_id!r} is not a safe file name")
 
@@ -66,7 +66,7 @@ def write_trial(results_dir: str | Path, row: Mapping[str, Any], per_letter: pl.
     row = dict(row)
     row["schema_version"] = SCHEMA_VERSION
     trial_id = row.get("trial_id") or ""
-    _check_trial_id(trial_id)
+    check_trial_id(trial_id)
     if row.get("status") not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
     if per_letter is not None and per_letter.height:
@@ -81,83 +81,3 @@ def write_trial(results_dir: str | Path, row: Mapping[str, Any], per_letter: pl.
     path = results_dir / f"{trial_id}.parquet"
     _write(_table([row], TRIAL_SCHEMA), path)
     return path
-
-
-def _check_file(path: Path) -> None:
-    """Refuse a corrupt file or one of an unknown major schema version, naming the file."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except Exception as e:  # pyarrow raises several types for torn or foreign files
-        raise FcsaeInputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); delete it or re-run its trial") from None
-    version = meta.get(METADATA_KEY, b"").decode() or None
-    if version is None:
-        raise FcsaeInputError(f"{path}: no fcsae schema version in its metadata; not an fcsae result file")
-    try:
-        file_major = major(version)
-    except ValueError:
-        raise FcsaeInputError(f"{path}: malformed schema version {version!r}; expected MAJOR.MINOR") from None
-    if file_major != major(SCHEMA_VERSION):
-        raise FcsaeInputError(
-            f"{path}: schema version {version} is not readable by this fcsae (reads {major(SCHEMA_VERSION)}.x); "
-            "use the fcsae version that wrote it")
-
-
-def _scan(files: list[Path], schema: pa.Schema) -> pl.LazyFrame:
-    for f in files:
-        _check_file(f)
-    # The current schema is the reference: older minors get the newer columns as nulls.
-    reference = pl.from_arrow(schema.empty_table()).schema
-    return pl.scan_parquet([str(f) for f in files], schema=reference, missing_columns="insert", extra_columns="ignore")
-
-
-def trial_files(results_dir: str | Path) -> list[Path]:
-    """The trial-row files of a results directory, sorted (no error if none)."""
-    return sorted(Path(results_dir).glob("*.parquet"))
-
-
-def scan_results(results_dir: str | Path) -> pl.LazyFrame:
-    """A LazyFrame over all trial rows of a results directory, after checking every file's schema version.
-
-    Raises ``FcsaeInputError`` for a missing or empty directory, a corrupt file
-    or a file of an unknown major schema version (each message names the path).
-    """
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise FcsaeInputError(f"{results_dir}: results directory does not exist")
-    files = trial_files(results_dir)
-    if not files:
-        raise FcsaeInputError(f"{results_dir}: no result files (*.parquet) yet; has any trial finished?")
-    return _scan(files, TRIAL_SCHEMA)
-
-
-def scan_per_letter(results_dir: str | Path) -> pl.LazyFrame:
-    """A LazyFrame over the per-letter absorption rows of a results directory (join on ``trial_id``)."""
-    sub = Path(results_dir) / PER_LETTER_DIR
-    files = sorted(sub.glob("*.parquet")) if sub.is_dir() else []
-    if not files:
-        raise FcsaeInputError(f"{sub}: no per-letter result files; did any trial run the absorption eval?")
-    return _scan(files, PER_LETTER_SCHEMA)
-
-
-def read_trial(results_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
-    """The stored row of one trial as a dict, or None if the trial has no (readable) row yet."""
-    _check_trial_id(trial_id)
-    path = Path(results_dir) / f"{trial_id}.parquet"
-    if not path.exists():
-        return None
-    try:
-        _check_file(path)
-        rows = pq.read_table(path).to_pylist()
-    except FcsaeInputError as e:
-        log.warning("ignoring unreadable row: %s", e)
-        return None
-    return rows[0] if rows else None
-
-
-def finished_trials(results_dir: str | Path) -> dict[str, str]:
-    """trial_id -> status for every trial with a row (empty dict if none)."""
-    files = trial_files(results_dir)
-    if not files:
-        return {}
-    df = scan_results(results_dir).select("trial_id", "status").collect()
-    return dict(zip(df["trial_id"].to_list(), df["status"].to_list()))

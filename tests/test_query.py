@@ -13,7 +13,8 @@ import pytest
 
 from fcsae.cli import main
 from fcsae.errors import FcsaeInputError
-from fcsae.query import RECIPES, load_tables, parameter_importance, run_recipe, run_sql
+from fcsae.query import RECIPES, parameter_importance, run_recipe, run_sql
+from results_schema.reader import load_tables
 from tests._report_utils import FC_EFFECT, write_sweep
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "queries.md"

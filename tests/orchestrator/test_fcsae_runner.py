@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator import fcsae_runner, space
 from orchestrator.trainable import TrialContext, base_row, outcome_row
-from results_schema import store
+from results_schema import reader, store
 from tests._evals_utils import write_text_corpus
 
 
@@ -66,6 +66,6 @@ def test_prepare_run_resume_and_row(tiny_setup):
     row = base_row(spec, "sweep", "t1", ctx.params, trial_dir, started=None)
     row.update(outcome_row(spec, out))
     store.write_trial(tmp / "exp" / "results", row, per_letter=out.per_letter)
-    df = store.scan_results(tmp / "exp" / "results").collect()
+    df = reader.scan_results(tmp / "exp" / "results").collect()
     assert df["status"][0] == "ok" and df["sae.d_in"][0] == 32 and df["split.criterion"][0] == "fc"
     assert df["objective"][0] == pytest.approx(out.metrics["core.explained_variance"])

@@ -20,7 +20,7 @@ import yaml
 
 from fcsae.errors import FcsaeInputError
 from orchestrator import driver, space
-from results_schema import schema, store
+from results_schema import reader, schema
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_BIN = REPO / ".venv" / "bin" / "fcsae-sweep"
@@ -67,7 +67,7 @@ def test_sweep_end_to_end_writes_schema_valid_rows(tmp_path, ray_cluster):
     exp = tmp_path / "exp"
     outcome = driver.run_sweep(_spec(), exp, live=False)
     assert outcome.complete and outcome.counts["ok"] == 4
-    df = store.scan_results(exp / "results").collect()
+    df = reader.scan_results(exp / "results").collect()
     assert df.height == 4 and df["trial_id"].n_unique() == 4
     assert set(df["schema_version"]) == {schema.SCHEMA_VERSION}
     assert df.columns == schema.TRIAL_SCHEMA.names
@@ -76,7 +76,7 @@ def test_sweep_end_to_end_writes_schema_valid_rows(tmp_path, ray_cluster):
     assert df["objective"].to_list() == df["absorption.mean_absorption_fraction"].to_list()
     assert all(json.loads(x) == {"absorption.not_in_schema": 1.5} for x in df["extra_metrics_json"])
     assert all(Path(d).is_dir() and str(exp) in d for d in df["trial_dir"])
-    assert store.scan_per_letter(exp / "results").collect().height == 8
+    assert reader.scan_per_letter(exp / "results").collect().height == 8
     assert sorted(_lines(exp / "fake_completions.log")) == sorted(df["trial_id"])
     assert (exp / "sweep.json").exists() and not (exp / "ray_pids.json").exists()
 
@@ -87,7 +87,7 @@ def test_failing_trials_recorded_while_others_finish(tmp_path, ray_cluster):
     exp = tmp_path / "exp"
     outcome = driver.run_sweep(_spec(), exp, live=False)
     assert outcome.complete
-    df = store.scan_results(exp / "results").collect().sort("split.criterion")
+    df = reader.scan_results(exp / "results").collect().sort("split.criterion")
     assert df["status"].to_list() == ["failed", "failed", "ok", "ok"]
     failed = df.filter(df["status"] == "failed")
     assert all(r.startswith("FloatingPointError: loss diverged") for r in failed["failure_reason"])
@@ -167,16 +167,16 @@ def test_resume_after_sigkill_runs_every_trial_exactly_once(tmp_path):
     exp = tmp_path / "exp"
     proc = _driver(space_file, exp)
     # kill once one trial finished and another is mid-way (it has a checkpoint but no row)
-    _wait_for(lambda: len(store.trial_files(exp / "results")) >= 1
+    _wait_for(lambda: len(reader.trial_files(exp / "results")) >= 1
               and len(_lines(exp / "fake_starts.log")) >= 3, 240, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    rows_before = store.finished_trials(exp / "results")
+    rows_before = reader.finished_trials(exp / "results")
     assert 1 <= len(rows_before) < 4
     resumed = _driver(space_file, exp, "--resume")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
-    df = store.scan_results(exp / "results").collect()
+    df = reader.scan_results(exp / "results").collect()
     failed = df.filter(df["status"] != "ok").select("trial_id", "status", "failure_reason").rows()
     assert df.height == 4 and df["trial_id"].n_unique() == 4 and not failed, f"{failed}\n{out[-3000:]}"
     assert set(df["sweep_id"]) == {json.loads((exp / "sweep.json").read_text())["sweep_id"]}
@@ -219,7 +219,7 @@ def test_asha_stopped_trials_get_pruned_rows(tmp_path, ray_cluster):
     raw["fixed"]["trainer"]["log_every"] = 1
     exp = tmp_path / "exp"
     outcome = driver.run_sweep(space.parse_space(raw), exp, live=False)
-    df = store.scan_results(exp / "results").collect()
+    df = reader.scan_results(exp / "results").collect()
     assert outcome.complete and df.height == 4 and df["trial_id"].n_unique() == 4
     assert outcome.counts["pruned"] >= 1, outcome.counts
     pruned = df.filter(df["status"] == "pruned")
@@ -258,7 +258,7 @@ def test_dead_worker_gets_a_failed_row_from_the_driver(tmp_path, ray_cluster):
     exp = tmp_path / "exp"
     outcome = driver.run_sweep(_spec(), exp, live=False)
     assert outcome.complete and outcome.counts == {"ok": 2, "failed": 2, "pruned": 0, "total": 4}
-    df = store.scan_results(exp / "results").collect()
+    df = reader.scan_results(exp / "results").collect()
     failed = df.filter(df["status"] == "failed")
     assert set(failed["split.criterion"]) == {"fc"} and failed["failure_reason"].null_count() == 0
     assert all("died" in r or "killed" in r for r in failed["failure_reason"])

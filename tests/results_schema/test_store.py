@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fcsae.errors import FcsaeInputError
-from results_schema import schema, store
+from results_schema import reader, schema, store
 
 
 def _row(trial_id, status="ok", **extra):
@@ -38,22 +38,22 @@ def test_write_and_scan_round_trip(tmp_path):
                             "unknown_col": [1, 2]})
     store.write_trial(tmp_path, _row("t1"), per_letter=letters)
     store.write_trial(tmp_path, _row("t2", status="failed", failure_reason="boom"))
-    df = store.scan_results(tmp_path).sort("trial_id").collect()
+    df = reader.scan_results(tmp_path).sort("trial_id").collect()
     assert df["trial_id"].to_list() == ["t1", "t2"]
     assert df["status"].to_list() == ["ok", "failed"]
     assert df["schema_version"].to_list() == [schema.SCHEMA_VERSION] * 2
     assert df["core.mse"].null_count() == 2  # missing metric -> null, not 0
-    pl_df = store.scan_per_letter(tmp_path).collect()
+    pl_df = reader.scan_per_letter(tmp_path).collect()
     assert pl_df["trial_id"].to_list() == ["t1", "t1"] and "unknown_col" not in pl_df.columns
-    assert store.finished_trials(tmp_path) == {"t1": "ok", "t2": "failed"}
-    assert store.read_trial(tmp_path, "t2")["failure_reason"] == "boom"
-    assert store.read_trial(tmp_path, "t3") is None
+    assert reader.finished_trials(tmp_path) == {"t1": "ok", "t2": "failed"}
+    assert reader.read_trial(tmp_path, "t2")["failure_reason"] == "boom"
+    assert reader.read_trial(tmp_path, "t3") is None
 
 
 def test_rewrite_replaces_row_without_duplicates(tmp_path):
     store.write_trial(tmp_path, _row("t1", status="failed"))
     store.write_trial(tmp_path, _row("t1"))
-    df = store.scan_results(tmp_path).collect()
+    df = reader.scan_results(tmp_path).collect()
     assert df.height == 1 and df["status"][0] == "ok"
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
 
@@ -70,10 +70,10 @@ def test_unknown_key_and_bad_status_refused(tmp_path):
 
 def test_empty_and_missing_dirs_are_clear_errors(tmp_path):
     with pytest.raises(FcsaeInputError, match="no result files"):
-        store.scan_results(tmp_path)
+        reader.scan_results(tmp_path)
     with pytest.raises(FcsaeInputError, match="does not exist"):
-        store.scan_results(tmp_path / "nope")
-    assert store.finished_trials(tmp_path) == {}
+        reader.scan_results(tmp_path / "nope")
+    assert reader.finished_trials(tmp_path) == {}
 
 
 def test_corrupt_file_named(tmp_path):
@@ -81,7 +81,7 @@ def test_corrupt_file_named(tmp_path):
     bad = tmp_path / "t2.parquet"
     bad.write_bytes((tmp_path / "t1.parquet").read_bytes()[:100])
     with pytest.raises(FcsaeInputError, match="t2.parquet: not a readable Parquet"):
-        store.scan_results(tmp_path)
+        reader.scan_results(tmp_path)
 
 
 def test_unknown_major_refused_newer_minor_accepted(tmp_path):
@@ -90,14 +90,14 @@ def test_unknown_major_refused_newer_minor_accepted(tmp_path):
     newer_minor = table.replace_schema_metadata({schema.METADATA_KEY: b"1.7"})
     newer_minor = newer_minor.append_column("future_col", pa.array([1.0]))
     pq.write_table(newer_minor, tmp_path / "t2.parquet")
-    df = store.scan_results(tmp_path).collect()
+    df = reader.scan_results(tmp_path).collect()
     assert df.height == 2 and "future_col" not in df.columns
     pq.write_table(table.replace_schema_metadata({schema.METADATA_KEY: b"2.0"}), tmp_path / "t3.parquet")
     with pytest.raises(FcsaeInputError, match=r"t3.parquet: schema version 2.0 is not readable"):
-        store.scan_results(tmp_path)
+        reader.scan_results(tmp_path)
     pq.write_table(table.replace_schema_metadata({}), tmp_path / "t3.parquet")
     with pytest.raises(FcsaeInputError, match="t3.parquet: no fcsae schema version"):
-        store.scan_results(tmp_path)
+        reader.scan_results(tmp_path)
 
 
 def _writer(results_dir, n, worker):
@@ -113,9 +113,9 @@ def test_concurrent_writers_never_produce_torn_files(tmp_path):
         p.start()
     scans, errors = 0, []
     while any(p.is_alive() for p in procs) or scans < 5:
-        if store.trial_files(tmp_path):
+        if reader.trial_files(tmp_path):
             try:
-                df = store.scan_results(tmp_path).collect()
+                df = reader.scan_results(tmp_path).collect()
                 assert df["trial_id"].n_unique() == df.height
                 scans += 1
             except Exception as e:  # any torn read is a failure
@@ -126,5 +126,5 @@ def test_concurrent_writers_never_produce_torn_files(tmp_path):
         assert p.exitcode == 0
     assert not errors, errors[:3]
     assert scans >= 5
-    final = store.scan_results(tmp_path).collect()
+    final = reader.scan_results(tmp_path).collect()
     assert final.height == 6 and set(final["core.mse"].to_list()) == {57.0, 58.0, 59.0}

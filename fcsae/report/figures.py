@@ -12,7 +12,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from fcsae.plotting import axis_label, colour_for, new_figure
-from orchestrator.report_tables import with_bins
+from fcsae.report.tables import with_bins
 
 CRITERION = "split.criterion"
 SEED = "trainer.seed"

@@ -1,7 +1,7 @@
 """``fcsae-report``: a self-contained report of a sweep (Markdown + PNG figures + one HTML file with them inlined).
 
-Reads the result tables with ``fcsae.query.load_tables`` (results_schema's
-validated per-file scans; unreadable files are skipped and named), then builds
+Reads the result tables with ``results_schema.reader.load_tables`` (validated
+per-file reads; unreadable files are skipped and named), then builds
 each section independently: a section that fails is replaced by a line saying
 why, and the rest still builds. The report says when the sweep is partial
 (rows missing against the space's ``num_samples``, trial directories without a
@@ -30,9 +30,10 @@ import polars as pl
 import fcsae
 from fcsae.errors import FcsaeInputError
 from fcsae.plotting import axis_label, save_png
-from fcsae.query import ResultTables, load_tables, parameter_importance, searched_params
-from orchestrator import report_figures as figs
-from orchestrator import report_tables as rt
+from fcsae.query import parameter_importance, searched_params
+from fcsae.report import figures as figs
+from fcsae.report import tables as rt
+from results_schema.reader import ResultTables, load_tables
 
 log = logging.getLogger(__name__)
 

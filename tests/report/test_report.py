@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from fcsae.plotting import save_png, unlabelled_axes
-from orchestrator import report as report_mod
-from orchestrator import report_figures as figs
-from orchestrator import report_tables as rt
-from orchestrator.cli import report_main
-from orchestrator.report import build_report
+from fcsae.report import build as report_mod
+from fcsae.report import figures as figs
+from fcsae.report import tables as rt
+from fcsae.report.build import build_report
+from fcsae.report.cli import main as report_main
 from tests._report_utils import write_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +103,7 @@ def _check_axes(fig, legend: bool = True):
 
 
 def test_every_figure_has_labelled_axes_and_a_legend(sweep):
-    from fcsae.query import load_tables
+    from results_schema.reader import load_tables
 
     t = load_tables(sweep)
     ok = rt.ok_trials(t.trials)
@@ -135,7 +135,7 @@ def test_save_png_refuses_unlabelled_axes(tmp_path):
 
 
 def test_event_curves_follow_the_logs(sweep):
-    from fcsae.query import load_tables
+    from results_schema.reader import load_tables
 
     ok = rt.ok_trials(load_tables(sweep).trials)
     curves, n = rt.event_curves(ok)
@@ -178,6 +178,20 @@ def test_full_report_builds(sweep, capsys):
     # A second run replaces the report in place and leaves no temporary directories.
     assert report_main([str(sweep.parent)]) == 0
     assert [p.name for p in sweep.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_report_builds_without_ray(tmp_path):
+    """The report needs polars and matplotlib only: it must build where Ray cannot even be imported."""
+    import subprocess
+    import sys
+
+    results = write_sweep(tmp_path / "exp", seeds=(0, 1), n_failed=0, events=False)
+    code = ("import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
+            "from fcsae.report.cli import main\n"
+            f"sys.exit(main([{str(results)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "exp" / "report" / "report.md").is_file()
 
 
 def test_partial_sweep_says_so(tmp_path, capsys):
@@ -278,7 +292,7 @@ def _save_tracked_sae(path: Path, seed: int) -> None:
 
 def test_fc_patterns_of_trials_with_tracker_state(tmp_path):
     results = write_sweep(tmp_path / "exp", seeds=(0, 1), n_failed=0, events=False)
-    from fcsae.query import load_tables
+    from results_schema.reader import load_tables
 
     trials = load_tables(results).trials
     for r in trials.filter(pl.col("split.criterion") == "fc").iter_rows(named=True):
