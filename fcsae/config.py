@@ -1,10 +1,12 @@
 """Typed, frozen configuration for one trial.
 
 Every field has a docstring (the string literal under it) and is checked in
-``__post_init__``: a bad value raises ``FcsaeInputError`` naming the field and
-what is allowed. YAML lives only at the edge (search spaces, ``fcsae train
---config``); ``from_dict`` turns a plain mapping into these classes and
-refuses unknown keys.
+``__post_init__``: a value of the wrong type (``seed='0'``, ``lr='1e-4'``) or
+out of range raises ``FcsaeInputError`` naming the field and what is allowed.
+YAML lives only at the edge (search spaces, ``fcsae train --config``);
+``from_dict`` turns a plain mapping into one class and refuses unknown keys,
+``section_configs`` assembles every section of a trial (the one assembly the
+sweep and its trials use).
 
 Each class belongs to one module: ``LMConfig``/``HarvestConfig`` to
 lm/corpus/activations, ``SAEConfig`` to sae, ``TrainerConfig`` to trainer and
@@ -15,6 +17,7 @@ resample, ``TrackerConfig``/``SplitConfig`` to tracker and split,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
@@ -41,6 +44,7 @@ class LMConfig:
     """Dtype the language model runs in: ``float32``, ``bfloat16`` or ``float16``."""
 
     def __post_init__(self):
+        _check_types(self)
         require(bool(self.model), "model: must be a non-empty name or path")
         require(isinstance(self.layer, int) and self.layer >= 0, f"layer: must be an integer >= 0, got {self.layer!r}")
         require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
@@ -66,6 +70,7 @@ class HarvestConfig:
     """On-disk dtype of activations: ``float16`` or ``bfloat16``."""
 
     def __post_init__(self):
+        _check_types(self)
         require(isinstance(self.tokens, int) and self.tokens > 0, f"tokens: must be a positive integer, got {self.tokens!r}")
         require(self.context_len >= 2, f"context_len: must be >= 2, got {self.context_len!r}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size!r}")
@@ -90,6 +95,7 @@ class SAEConfig:
     """Active latents per token for ``topk``; ignored for ``relu``."""
 
     def __post_init__(self):
+        _check_types(self)
         require(isinstance(self.d_in, int) and self.d_in >= 1, f"d_in: must be an integer >= 1, got {self.d_in!r}")
         require(isinstance(self.dict_size, int) and self.dict_size >= 1, f"dict_size: must be an integer >= 1, got {self.dict_size!r}")
         require(self.activation in ACTIVATIONS, f"activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
@@ -145,6 +151,7 @@ class TrainerConfig:
     """Decoder-bias initialisation from the first batch: ``geometric_median``, ``mean`` or ``zeros`` (keep as is)."""
 
     def __post_init__(self):
+        _check_types(self)
         require(self.b_dec_init in B_DEC_INITS, f"b_dec_init: must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
         require(self.buffer_tokens >= 0, f"buffer_tokens: must be >= 0, got {self.buffer_tokens!r}")
         require(self.auxk_k >= 1, f"auxk_k: must be >= 1, got {self.auxk_k!r}")
@@ -196,6 +203,7 @@ class TrackerConfig:
     1 = exact. Larger values trade statistical noise for speed (see docs/method.md for the measured effect)."""
 
     def __post_init__(self):
+        _check_types(self)
         require(isinstance(self.ema_alpha, (int, float)) and 0.0 < self.ema_alpha < 1.0,
                 f"ema_alpha: must be in (0, 1), got {self.ema_alpha!r}")
         require(isinstance(self.tau_act, (int, float)) and self.tau_act >= 0.0, f"tau_act: must be >= 0, got {self.tau_act!r}")
@@ -230,6 +238,7 @@ class SplitConfig:
     """Lloyd iterations of the 2-means that divides a split latent's activating inputs."""
 
     def __post_init__(self):
+        _check_types(self)
         require(self.criterion in CRITERIA, f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         require(self.rule in RULES, f"rule: must be one of {', '.join(RULES)}, got {self.rule!r}")
         require(0.0 < self.top_fraction <= 1.0, f"top_fraction: must be in (0, 1], got {self.top_fraction!r}")
@@ -271,6 +280,7 @@ class EvalConfig:
     """Fraction of the absorption words used to train the probes; the rest is the test split that is scored."""
 
     def __post_init__(self):
+        _check_types(self)
         require(self.core_tokens >= 1, f"core_tokens: must be >= 1, got {self.core_tokens!r}")
         require(bool(self.corpus), "corpus: must be 'offline', a local file or a datasets hub name")
         require(isinstance(self.context_len, int) and self.context_len >= 2, f"context_len: must be an integer >= 2, got {self.context_len!r}")
@@ -287,9 +297,59 @@ class EvalConfig:
 
 T = TypeVar("T")
 
+SECTIONS: dict[str, type] = {
+    "lm": LMConfig,
+    "harvest": HarvestConfig,
+    "sae": SAEConfig,
+    "trainer": TrainerConfig,
+    "tracker": TrackerConfig,
+    "split": SplitConfig,
+    "eval": EvalConfig,
+}
+"""Section name -> config class, as in search spaces (``fixed.trainer``), dotted parameters and result columns.
+``harvest.lm`` is the ``lm`` section; ``sae.d_in`` comes from the activation cache."""
+
+_TYPE_CHECKS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def type_problem(cls: type, name: str, value: Any) -> str | None:
+    """``"name: must be <type>, got <value>"`` if ``value`` has the wrong type for field ``name`` of ``cls``, else None.
+
+    Scalar fields only (int, float, str, bool; an int is a valid float, a bool
+    is no number); nested configs and unknown names pass (``from_dict`` refuses
+    unknown keys).
+    """
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}.get(name)
+    check = _TYPE_CHECKS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+    if check is None or check[0](value):
+        return None
+    hint = ""
+    if isinstance(value, str) and ftype in ("int", "float"):
+        hint = " (a string: quoted, or a YAML float without a dot such as 1e-4; write 1.0e-4)"
+    return f"{name}: must be {check[1]}, got {value!r}{hint}"
+
+
+def _check_types(obj: Any) -> None:
+    """Raise ``FcsaeInputError`` for the first field of dataclass ``obj`` whose value has the wrong type."""
+    for f in dataclasses.fields(obj):
+        msg = type_problem(type(obj), f.name, getattr(obj, f.name))
+        if msg:
+            raise FcsaeInputError(msg)
+
+
+def field_type_problem(section: str, field: str, value: Any) -> str | None:
+    """``type_problem`` for the dotted field ``section.field`` (message prefixed with ``section.``)."""
+    msg = type_problem(SECTIONS[section], field, value)
+    return f"{section}.{msg}" if msg else None
+
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys with a clear error.
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types with a clear error.
 
     Nested dataclass fields accept nested mappings. ``where`` prefixes field
     names in error messages (e.g. ``trainer.``).
@@ -297,7 +357,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     if not isinstance(data, Mapping):
         raise FcsaeInputError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise FcsaeInputError(f"{where}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
     kwargs = {}
@@ -315,4 +375,30 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise FcsaeInputError(f"{where or cls.__name__}: {e}") from None
 
 
-_dataclass_by_name = {c.__name__: c for c in (LMConfig, HarvestConfig, SAEConfig, TrainerConfig, TrackerConfig, SplitConfig, EvalConfig)}
+def section_configs(fixed: Mapping[str, Mapping], overrides: Mapping[str, Any] | None = None,
+                    d_in: int = 1) -> dict[str, Any]:
+    """Every section's config from plain ``fixed`` sections plus dotted ``overrides``; raises FcsaeInputError.
+
+    ``fixed`` maps section names (``SECTIONS``) to field mappings, e.g.
+    ``{"trainer": {"lr": 1e-3}}``; ``overrides`` maps dotted names to values
+    (``{"split.criterion": "fc"}``) and wins over ``fixed``. ``harvest.lm`` is
+    the ``lm`` section; ``sae.d_in`` is ``d_in`` (known once the cache exists).
+    Returns section name -> config instance, for every section.
+    """
+    sections = {s: dict(fixed.get(s) or {}) for s in SECTIONS}
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.partition(".")
+        if section not in SECTIONS or not name:
+            raise FcsaeInputError(f"{dotted}: not a dotted config field; sections: {', '.join(SECTIONS)}")
+        sections[section][name] = value
+    sections["sae"]["d_in"] = d_in
+    out = {}
+    for section, cls in SECTIONS.items():
+        data = sections[section]
+        if section == "harvest":
+            data = {**data, "lm": sections["lm"]}
+        out[section] = from_dict(cls, data, f"{section}.")
+    return out
+
+
+_dataclass_by_name = {c.__name__: c for c in SECTIONS.values()}

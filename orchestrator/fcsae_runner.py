@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from orchestrator.space import SweepSpec, section_configs
+from fcsae.config import section_configs
+from orchestrator.space import SweepSpec
 from orchestrator.trainable import TrialContext, TrialOutcome, now_seconds
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from typing import Any, Mapping, NamedTuple
 
 import yaml
 
-from fcsae import config as fcfg
+from fcsae.config import field_type_problem, section_configs  # noqa: F401  (re-exported: the one assembly)
 from fcsae.errors import FcsaeInputError
 from results_schema.schema import ABSORPTION_METRICS, CONFIG_SECTIONS, CORE_METRICS
 
@@ -149,38 +149,6 @@ def _is_num(v) -> bool:
 
 def _field_names(section: str) -> set[str]:
     return {f.name for f in dataclasses.fields(CONFIG_SECTIONS[section])}
-
-
-def section_configs(fixed: Mapping[str, Mapping], overrides: Mapping[str, Any] | None = None, d_in: int = 1) -> dict[str, Any]:
-    """Build every trial config from fixed sections plus dotted ``overrides``; raises FcsaeInputError.
-
-    ``harvest.lm`` is ``lm``; ``sae.d_in`` is ``d_in`` (known only once the cache exists).
-    """
-    sections = {s: dict(fixed.get(s) or {}) for s in CONFIG_SECTIONS}
-    for dotted, value in (overrides or {}).items():
-        section, field = dotted.split(".", 1)
-        sections[section][field] = value
-    sections["sae"]["d_in"] = d_in
-    out = {}
-    for section, cls in CONFIG_SECTIONS.items():
-        data = sections[section]
-        if section == "harvest":
-            data = {**data, "lm": sections["lm"]}
-        out[section] = fcfg.from_dict(cls, data, f"{section}.")
-    return out
-
-
-_TYPE_CHECKS = {"int": (_is_int, "an integer"), "float": (_is_num, "a number"), "str": (lambda v: isinstance(v, str), "a string"),
-                "bool": (lambda v: isinstance(v, bool), "true or false")}
-
-
-def field_type_problem(section: str, field: str, value) -> str | None:
-    """A message if ``value`` has the wrong type for config field ``section.field`` (None if fine)."""
-    ftype = {f.name: f.type for f in dataclasses.fields(CONFIG_SECTIONS[section])}.get(field)
-    check = _TYPE_CHECKS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-    if check and not check[0](value):
-        return f"{section}.{field}: must be {check[1]}, got {value!r}"
-    return None
 
 
 def _check_keys(where: str, data: Mapping, allowed: set[str], problems: list[str]) -> None:

@@ -38,15 +38,7 @@ STATUSES = ("ok", "failed", "pruned")
 """``ok``: trained and evaluated; ``failed``: raised, diverged or was killed; ``pruned``: stopped early by the scheduler."""
 
 # Config sections as they appear in searched parameter names and result columns.
-CONFIG_SECTIONS: dict[str, type] = {
-    "lm": fcsae_config.LMConfig,
-    "harvest": fcsae_config.HarvestConfig,
-    "sae": fcsae_config.SAEConfig,
-    "trainer": fcsae_config.TrainerConfig,
-    "tracker": fcsae_config.TrackerConfig,
-    "split": fcsae_config.SplitConfig,
-    "eval": fcsae_config.EvalConfig,
-}
+CONFIG_SECTIONS: dict[str, type] = fcsae_config.SECTIONS
 """Section name -> config dataclass. ``harvest.lm`` is not a column (it is ``lm.*``)."""
 
 CORE_METRICS: dict[str, str] = {
