@@ -27,8 +27,12 @@ predictions (positions whose token is BOS are not scored):
 positions to 0.
 
 What depends only on (model, layer, eval tokens) is cached once under
-``$FCSAE_HOME/evals/core``: the tokens, per-position clean and zero-ablated CE,
-the zero-ablated KL, and a compact form of the clean distribution for KL. The
+``$FCSAE_HOME/evals/core``: the tokens, the hook-point activations, per-position
+clean and zero-ablated CE, the zero-ablated KL, and a compact form of the clean
+distribution for KL. Because blocks 0..L do not depend on the SAE, each
+spliced forward starts at block L+1 from the cached activations (the SAE
+applied to them) instead of re-running the first L+1 blocks; a test checks
+that this equals the full forward with the splice hook. The
 clean log-probabilities over a 49k-262k vocabulary are too large to keep
 (16k tokens x 49k x 2 bytes = 1.6 GB), so the cache keeps the clean top-k
 log-probs (``kl_topk``, default 64) and KL is computed on the coarsened
@@ -41,6 +45,7 @@ docs/evals.md reports the measured error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, NamedTuple
@@ -79,6 +84,8 @@ class CoreBaseline(NamedTuple):
     """Clean top-k token ids per position (int32), or None when ``kl_topk`` is 0."""
     topk_logp_NSK: torch.Tensor | None
     """Clean log-probabilities of those tokens (float32), or None."""
+    resid_NTD: torch.Tensor
+    """Activations at ``blocks.{L}.hook_resid_post`` (the model's dtype): the spliced forward starts after them."""
 
 
 # ------------------------------------------------------------------ pure metric helpers
@@ -209,6 +216,38 @@ def _ce(logp_BSV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
     return -logp_BSV.gather(2, tokens_BT[:, 1:, None].to(logp_BSV.device)).squeeze(2)
 
 
+def _capture_hook(store_list: list):
+    def hook(act_BTD, hook=None):
+        store_list.append(act_BTD.detach().cpu().clone())
+    return hook
+
+
+@contextlib.contextmanager
+def _skipping_blocks(lm, n: int):
+    """Blocks ``0..n-1`` return their input unchanged (``start_at_layer`` replaces their output anyway).
+
+    The bridge's ``start_at_layer`` injects the residual at block n but still
+    runs the blocks below it on placeholder input; skipping them is what makes
+    the spliced forward cheaper. ``object.__setattr__`` because the bridge's
+    ``__setattr__`` forwards attributes to the wrapped HF layer.
+    """
+    blocks = [lm.model.blocks[i] for i in range(n)]
+    try:
+        for b in blocks:
+            object.__setattr__(b, "forward", lambda hidden_states, *args, **kwargs: hidden_states)
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
+def _logits_after(lm, resid_BTD: torch.Tensor, layer: int) -> torch.Tensor:
+    """Logits of the model continued from ``resid_BTD`` at ``blocks.{layer}.hook_resid_post`` (blocks L+1..)."""
+    device = lm.model.cfg.device
+    with _skipping_blocks(lm, layer + 1):
+        return lm.model(resid_BTD.to(device), start_at_layer=layer + 1, return_type="logits")
+
+
 def _zero_hook(skip_BT: torch.Tensor):
     def hook(act_BTD, hook=None):
         return act_BTD * skip_BT[:, :, None].to(act_BTD.device, act_BTD.dtype)
@@ -220,7 +259,7 @@ def _material(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
 
     return {"model": store.model_fingerprint(lm), "layer": lm_cfg.layer, "dtype": lm_cfg.dtype,
             "corpus": corpus.fingerprint(eval_cfg.corpus), "core_tokens": eval_cfg.core_tokens,
-            "context_len": eval_cfg.context_len, "kl_topk": eval_cfg.kl_topk}
+            "context_len": eval_cfg.context_len, "kl_topk": eval_cfg.kl_topk, "resid": True}
 
 
 def load_lm(lm_cfg: LMConfig, lm=None):
@@ -238,11 +277,11 @@ def _compute_baseline(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig, progress: bool
     tokens_NT = eval_tokens(lm, eval_cfg)
     skip_NT = _skip_mask(lm, tokens_NT)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("ce_clean", "ce_zero", "kl_zero", "kl_zero_exact",
-                                                           "topk_idx", "topk_logp")}
+                                                           "topk_idx", "topk_logp", "resid")}
     bs = eval_cfg.batch_size
     for i in tqdm(range(0, tokens_NT.shape[0], bs), desc="core eval baseline", disable=not progress):
         tok, skip = tokens_NT[i:i + bs], skip_NT[i:i + bs]
-        logp_clean = _next_token_logp(_logits(lm, tok))
+        logp_clean = _next_token_logp(_logits(lm, tok, _capture_hook(parts["resid"]), lm_cfg.layer))
         logp_zero = _next_token_logp(_logits(lm, tok, _zero_hook(skip), lm_cfg.layer))
         V = logp_clean.shape[-1]
         flat_p, flat_q = logp_clean.reshape(-1, V), logp_zero.reshape(-1, V)
@@ -284,7 +323,7 @@ def prepare_core_cache(lm_cfg: LMConfig, eval_cfg: EvalConfig, lm=None, progress
             raise FcsaeInputError(f"core eval cache under {store.entry_dir(KIND, material)} cannot be written back")
     t = entry.tensors
     return CoreBaseline(t["tokens"], t["skip"].bool(), t["ce_clean"], t["ce_zero"], t["kl_zero"],
-                        t["kl_zero_exact"], t.get("topk_idx"), t.get("topk_logp"))
+                        t["kl_zero_exact"], t.get("topk_idx"), t.get("topk_logp"), t["resid"])
 
 
 def _masked_mean(v_NS: torch.Tensor, skip_NT: torch.Tensor) -> torch.Tensor:
@@ -305,30 +344,38 @@ def check_sae_matches(sae, lm, layer: int) -> None:
                               f"blocks.{layer}.hook_resid_post; evaluate it with the model it was trained on")
 
 
-def _splice_hook(sae, norm_scale: float, skip_BT: torch.Tensor, acc: ReconAccumulator):
-    sae_device = sae.W_dec.device
+def _splice(sae, norm_scale: float, skip_BT: torch.Tensor, acc: ReconAccumulator, act_BTD: torch.Tensor) -> torch.Tensor:
+    """``act_BTD`` with every non-BOS position replaced by the SAE's reconstruction (metrics go to ``acc``)."""
+    keep_N = ~skip_BT.reshape(-1).to(act_BTD.device)
+    x_raw_ND = act_BTD.reshape(-1, act_BTD.shape[-1])[keep_N]
+    x_ND = x_raw_ND.to(sae.W_dec.device, torch.float32) * norm_scale
+    latents_NF = sae.encode(x_ND)
+    recon_ND = sae.decode(latents_NF)
+    acc.update(x_ND, recon_ND, latents_NF)
+    out = act_BTD.reshape(-1, act_BTD.shape[-1]).clone()
+    out[keep_N] = (recon_ND / norm_scale).to(act_BTD.device, act_BTD.dtype)
+    return out.reshape(act_BTD.shape)
 
-    def hook(act_BTD, hook=None):
-        keep_N = ~skip_BT.reshape(-1).to(act_BTD.device)
-        x_raw_ND = act_BTD.reshape(-1, act_BTD.shape[-1])[keep_N]
-        x_ND = x_raw_ND.to(sae_device, torch.float32) * norm_scale
-        latents_NF = sae.encode(x_ND)
-        recon_ND = sae.decode(latents_NF)
-        acc.update(x_ND, recon_ND, latents_NF)
-        out = act_BTD.reshape(-1, act_BTD.shape[-1]).clone()
-        out[keep_N] = (recon_ND / norm_scale).to(act_BTD.device, act_BTD.dtype)
-        return out.reshape(act_BTD.shape)
-    return hook
+
+def _spliced_logits(lm, layer: int, sae, norm_scale: float, tok_BT: torch.Tensor, skip_BT: torch.Tensor,
+                    resid_BTD: torch.Tensor | None, acc: ReconAccumulator) -> torch.Tensor:
+    """Logits with the SAE spliced in at ``layer``: from the cached activations (blocks L+1.. only) when
+    ``resid_BTD`` is given and L is not the last block, else the full forward with a hook."""
+    if resid_BTD is not None and layer + 1 < lm.n_layers:
+        return _logits_after(lm, _splice(sae, norm_scale, skip_BT, acc, resid_BTD), layer)
+    return _logits(lm, tok_BT, lambda act, hook=None: _splice(sae, norm_scale, skip_BT, acc, act), layer)
 
 
 @torch.no_grad()
 def evaluate_core(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float, lm=None,
-                  progress: bool = True) -> dict[str, float]:
+                  progress: bool = True, from_cache: bool = True) -> dict[str, float]:
     """Core metrics of ``sae`` at ``blocks.{lm_cfg.layer}.hook_resid_post`` (see the module docstring).
 
     ``norm_scale`` is the activation cache's (SAE input = raw x ``norm_scale``).
-    Per call only the SAE-spliced forward passes run; the baseline comes from
-    the cache (``prepare_core_cache``).
+    Per call only the SAE-spliced forward passes run, from block L+1 on the
+    cached activations (``from_cache=False``: the full forward with a splice
+    hook, the reference the tests compare with); the baseline comes from the
+    cache (``prepare_core_cache``).
     """
     if not (isinstance(norm_scale, (int, float)) and math.isfinite(norm_scale) and norm_scale > 0):
         raise FcsaeInputError(f"norm_scale: must be a finite number > 0, got {norm_scale!r}")
@@ -340,7 +387,8 @@ def evaluate_core(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float
     bs = eval_cfg.batch_size
     for i in tqdm(range(0, base.tokens_NT.shape[0], bs), desc="core eval", disable=not progress):
         tok, skip = base.tokens_NT[i:i + bs], base.skip_NT[i:i + bs]
-        logp_sae = _next_token_logp(_logits(lm, tok, _splice_hook(sae, norm_scale, skip, acc), lm_cfg.layer))
+        resid = base.resid_NTD[i:i + bs] if from_cache else None
+        logp_sae = _next_token_logp(_spliced_logits(lm, lm_cfg.layer, sae, norm_scale, tok, skip, resid, acc))
         V = logp_sae.shape[-1]
         ce_sae.append(_ce(logp_sae, tok).cpu())
         flat_q = logp_sae.reshape(-1, V)
@@ -348,8 +396,10 @@ def evaluate_core(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float
             idx = base.topk_idx_NSK[i:i + bs].reshape(flat_q.shape[0], -1).to(flat_q.device)
             lp = base.topk_logp_NSK[i:i + bs].reshape(flat_q.shape[0], -1).to(flat_q.device)
             kl = kl_topk(idx, lp, flat_q)
-        else:  # exact KL: the clean distribution is recomputed here
-            kl = kl_exact(_next_token_logp(_logits(lm, tok)).reshape(-1, V), flat_q)
+        else:  # exact KL: the clean distribution is recomputed here (from block L+1 too when possible)
+            clean = _logits_after(lm, resid, lm_cfg.layer) if resid is not None and lm_cfg.layer + 1 < lm.n_layers \
+                else _logits(lm, tok)
+            kl = kl_exact(_next_token_logp(clean).reshape(-1, V), flat_q)
         kl_sae.append(kl.reshape(logp_sae.shape[:2]).cpu())
     skip = base.skip_NT
     means = {

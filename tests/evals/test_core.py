@@ -225,3 +225,37 @@ def test_cli_eval_bad_input_exits_2_and_writes_nothing(saved, capsys, case, argv
     assert _cli("eval", *argv, "--corpus", text, "--core-tokens", 200, "--out", out) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ spliced forward from block L+1
+
+
+@pytest.mark.parametrize("arch,layer", [("llama", 0), ("llama", 1), ("gpt_neox", 1), ("llama", 2)])
+@pytest.mark.parametrize("kl_topk", [8, 0])
+def test_forward_from_cached_activations_equals_the_full_forward(tmp_path, monkeypatch, arch, layer, kl_topk):
+    """Starting after layer L on the cached activations gives the full spliced forward's metrics (layer 2: last block,
+    the full forward is used)."""
+    from fcsae.config import SAEConfig
+    from fcsae.lm import make_tiny_model
+    from fcsae.sae import SparseAutoencoder
+
+    monkeypatch.setenv("FCSAE_HOME", str(tmp_path))
+    lm = make_tiny_model(arch, d_model=32, n_layers=3)
+    cfg = EvalConfig(corpus=write_text_corpus(tmp_path / "c.txt", n_paragraphs=300), core_tokens=200, context_len=32,
+                     kl_topk=kl_topk, batch_size=4)
+    sae = SparseAutoencoder(SAEConfig(d_in=32, dict_size=64, k=4), seed=1)
+    calls = []
+    blocks = [lm.model.blocks[i] for i in range(layer + 1)]
+    for b in blocks:
+        b.original_component.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
+    lmc = LMConfig(model="tiny", layer=layer)
+    core.prepare_core_cache(lmc, cfg, lm=lm, progress=False)
+    calls.clear()
+    fast = core.evaluate_core(sae, lmc, cfg, norm_scale=2.0, lm=lm, progress=False)
+    n_fast = len(calls)
+    ref = core.evaluate_core(sae, lmc, cfg, norm_scale=2.0, lm=lm, progress=False, from_cache=False)
+    for key, val in ref.items():
+        assert fast[key] == pytest.approx(val, rel=1e-5, abs=1e-6), key
+    assert fast["ce_loss_sae"] != pytest.approx(fast["ce_loss_clean"])  # the splice changed the predictions
+    # blocks 0..L did not run in the cached path (they run in the reference); the last layer falls back
+    assert (n_fast == 0) == (layer < 2) and len(calls) > n_fast
