@@ -1,34 +1,42 @@
-"""TopK SAE training-step throughput: fcsae fast path vs dense reference vs SAELens, side by side.
+"""TopK SAE training-step throughput: fcsae against sparsify and SAELens, side by side, and the floor.
 
 One training step = forward, loss (MSE + AuxK when latents are dead), backward,
-gradient clipping, Adam step and bookkeeping (fcsae: ``Trainer.train_step``
-with decoder-norm constraint, dead counters and input buffer; SAELens:
-``TopKTrainingSAE.training_forward_pass`` plus the body of
-``SAETrainer._train_step``: firing counters, backward, clip, Adam). All
-implementations see the same random batches, at the same sizes, in the same run;
-rounds are interleaved (fast, dense, SAELens, floor, repeat) and the median
-per-step time is reported, because the 2-core machine is shared.
+gradient clipping, Adam step and bookkeeping, each library's own:
 
-SAELens is imported from a separate virtualenv (``--saelens-python``, default
-``/tmp/saelens-venv/bin/python``; create it with ``python3 -m venv
-/tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0
-sae-lens``) so that it never enters the project's environment; it is skipped
-with a note if that interpreter is missing.
+- fcsae: ``Trainer.train_step`` (fast path, decoder-norm constraint, dead
+  counters, input buffer); ``--with-dense`` adds fcsae's dense reference;
+- ``sparsify``: eai-sparsify 1.3.3 ``SparseCoder`` forward (fused encoder,
+  embedding-bag decoder), backward, parallel-gradient removal, decoder
+  renormalisation, dead counters, Adam (its Trainer's ``optimizer="adam"``);
+- ``saelens``: SAELens 6.54.12 ``TopKTrainingSAE.training_forward_pass`` plus the
+  body of ``SAETrainer._train_step`` (firing counters, backward, clip, Adam);
+- ``saelens_sparse``: the same with ``use_sparse_activations=True`` (it needs
+  ``rescale_acts_by_decoder_norm=False``, else it fails in backward);
+- ``floor``: one dense fp32 encoder matmul ``x @ W_enc`` (a TopK step cannot avoid it).
 
-The floor is one dense encoder matmul ``x @ W_enc`` per step: a TopK step
-cannot avoid it, so ``fast / floor`` says how much is left to win.
+The anchors run in their own virtualenvs (found or built under ``/tmp/venvs``,
+see ``benchmarks/_anchors.py``); one that cannot be built is skipped with its
+reason printed. All implementations see the same random batches (anisotropic,
+non-centred, like normalised residuals) at the same sizes and thread count in
+the same run; rounds are interleaved and the median step time is reported,
+because the 2-core machine is shared. ``fcsae+dead`` repeats fcsae's step with
+half the latents marked dead, so AuxK's extra top-k runs (a fresh SAE has none).
+
+Threads: ``--threads 0`` (default) lets ``fcsae.threads.auto_threads`` choose
+(1 when the load average leaves no core free); every implementation uses the
+same number.
 
 Usage: ``python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads N] [--quick]``.
-Last line: ``train_step: ratio=X.XX (target >= 2.0 vs dense)`` at the large size.
+Last lines: ``train_step: ratio=X.XX`` (fcsae tokens/s / the best anchor's, at
+the large dictionary, the smaller ratio of the two widths; target >= 2.0) and
+``train_step_floor: ratio=X.XX`` (fcsae / the floor there; target >= 0.7).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,57 +46,32 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _anchors  # noqa: E402
 from fcsae.config import SAEConfig, TrainerConfig  # noqa: E402
 from fcsae.sae import SparseAutoencoder  # noqa: E402
+from fcsae.threads import set_threads  # noqa: E402
 from fcsae.trainer import Trainer  # noqa: E402
 
-SIZES = {  # name: (d_in, dict_size, k, batch)
-    "large": (640, 16384, 64, 4096),
-    "small": (640, 4096, 32, 1024),
+SIZES = {  # name: (d_in, dict_size, k, batch); 576 = SmolLM2-135M, 640 = Gemma 3 270M
+    "576/4k": (576, 4096, 32, 4096),
+    "640/4k": (640, 4096, 32, 4096),
+    "576/16k": (576, 16384, 64, 4096),
+    "640/16k": (640, 16384, 64, 4096),
 }
-
-# Runs inside the SAELens virtualenv: times its TopK training step on the saved batches.
-SAELENS_SCRIPT = r"""
-import json, sys, time, torch
-from safetensors.torch import load_file
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.saes.sae import TrainStepInput
-data = load_file(sys.argv[1])["x"]
-d_in, d_sae, k, batch, steps, threads = (int(a) for a in sys.argv[2:8])
-torch.set_num_threads(threads)
-torch.manual_seed(0)
-sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu"))
-opt = torch.optim.Adam(sae.parameters(), lr=4e-4, betas=(0.9, 0.999))
-since_fired = torch.zeros(d_sae)
-dead = torch.zeros(d_sae, dtype=torch.bool)
-def step(i):
-    x = data[(i * batch) % len(data):][:batch]
-    sae.train()
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
-                                                   n_training_steps=i, is_logging_step=False))
-    with torch.no_grad():  # SAETrainer._train_step bookkeeping
-        firing = out.feature_acts.bool().float()
-        did_fire = firing.sum(-2).bool()
-        since_fired.add_(1)
-        since_fired[did_fire] = 0
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad()
-step(0)
-times = []
-for i in range(1, steps + 1):
-    t0 = time.perf_counter(); step(i); times.append(time.perf_counter() - t0)
-print(json.dumps({"times": times}))
-"""
+LARGE = ("576/16k", "640/16k")
+DEAD_FRAC = 0.5
+"""Fraction of latents marked dead in the ``fcsae+dead`` case."""
 
 
-def _trainer(d_in: int, n_lat: int, k: int, batch: int, fast: bool) -> Trainer:
+def _trainer(d_in: int, n_lat: int, k: int, batch: int, fast: bool = True, dead_frac: float = 0.0) -> Trainer:
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, dict_size=n_lat, k=k), fast=fast)
     cfg = TrainerConfig(batch_size=batch, total_tokens=batch * 10_000, warmup_steps=10, b_dec_init="zeros",
-                        log_every=10_000)
-    return Trainer(sae, cfg)
+                        log_every=10_000, buffer_tokens=0)
+    trainer = Trainer(sae, cfg)
+    trainer.bench_dead = int(dead_frac * n_lat)  # latents 0..n-1 are kept dead before every timed step
+    return trainer
 
 
 def _time_ours(trainer: Trainer, data_ND: torch.Tensor, batch: int, steps: int) -> list[float]:
@@ -96,6 +79,7 @@ def _time_ours(trainer: Trainer, data_ND: torch.Tensor, batch: int, steps: int) 
     for _ in range(steps):
         i = trainer.step
         x = data_ND[(i * batch) % len(data_ND):][:batch]
+        trainer.tokens_since_fired_F[:trainer.bench_dead] = 10 ** 15  # some may have fired in the last step
         t0 = time.perf_counter()
         trainer.train_step(x)
         times.append(time.perf_counter() - t0)
@@ -112,72 +96,116 @@ def _time_floor(data_ND: torch.Tensor, W_enc_DF: torch.Tensor, batch: int, steps
     return times
 
 
-def _time_saelens(python: str, data_file: Path, size: tuple, steps: int) -> list[float] | None:
-    if not Path(python).exists():
-        return None
-    res = subprocess.run([python, "-c", SAELENS_SCRIPT, str(data_file), *map(str, size), str(steps),
-                          str(torch.get_num_threads())],
-                         capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        print(f"  SAELens step failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])["times"]
+def _anchor_workers(pythons: dict, data_file: Path, size: tuple, threads: int) -> dict:
+    workers = {}
+    for name, py in pythons.items():
+        _, mode, _ = _anchors.ANCHORS[name]
+        w = _anchors.Worker(py, mode, data_file, size, threads, 0.0)
+        if w.error:
+            print(f"  {name}: skipped, its worker failed: {w.error}", flush=True)
+        else:
+            workers[name] = w
+    return workers
 
 
-def bench_size(name: str, size: tuple, rounds: int, steps: int, saelens_python: str, tmp: Path) -> dict:
+def bench_size(name: str, size: tuple, rounds: int, steps: int, pythons: dict, tmp: Path, threads: int,
+               with_dense: bool) -> dict:
     """Median seconds per step of each implementation at one size."""
     d_in, n_lat, k, batch = size
     g = torch.Generator().manual_seed(0)
     # Anisotropic, non-centred data with E||x|| ~ sqrt(d_in), like normalised residuals.
     data_ND = (torch.randn(batch * 4, d_in, generator=g) * torch.rand(d_in, generator=g) * 1.7 + 0.3)
-    data_file = tmp / f"{name}.safetensors"
+    data_file = tmp / f"{name.replace('/', '_')}.safetensors"
     save_file({"x": data_ND.contiguous()}, str(data_file))
-    fast, dense = _trainer(*size, fast=True), _trainer(*size, fast=False)
-    W_enc_DF = fast.sae.W_enc.detach()
-    _time_ours(fast, data_ND, batch, 1)  # warm-up (first Adam step allocates state)
-    _time_ours(dense, data_ND, batch, 1)
-    times: dict[str, list[float]] = {"fast": [], "dense": [], "saelens": [], "floor": []}
-    for r in range(rounds):
-        times["fast"] += _time_ours(fast, data_ND, batch, steps)
-        times["dense"] += _time_ours(dense, data_ND, batch, steps)
-        sl = _time_saelens(saelens_python, data_file, size, steps)
-        if sl is not None:
-            times["saelens"] += sl
-        times["floor"] += _time_floor(data_ND, W_enc_DF, batch, steps)
-        print(f"  {name} round {r + 1}/{rounds}: " + ", ".join(
-            f"{key} {statistics.median(v[-steps:]):.3f}s" for key, v in times.items() if v), flush=True)
+    ours = {"fcsae": _trainer(*size)}
+    if name in LARGE:
+        ours["fcsae+dead"] = _trainer(*size, dead_frac=DEAD_FRAC)
+    if with_dense:
+        ours["dense"] = _trainer(*size, fast=False)
+    for trainer in ours.values():
+        _time_ours(trainer, data_ND, batch, 1)  # warm-up (first Adam step allocates state)
+    W_enc_DF = ours["fcsae"].sae.W_enc.detach()
+    workers = _anchor_workers(pythons, data_file, size, threads)
+    times: dict[str, list[float]] = {key: [] for key in [*ours, *workers, "floor"]}
+    try:
+        for r in range(rounds):
+            for key, trainer in ours.items():
+                times[key] += _time_ours(trainer, data_ND, batch, steps)
+            for key, w in workers.items():
+                got = w.time_steps(steps)
+                if got is None:
+                    print(f"  {key}: failed in round {r + 1}: {w.error}", flush=True)
+                else:
+                    times[key] += got
+            times["floor"] += _time_floor(data_ND, W_enc_DF, batch, steps)
+            print(f"  {name} round {r + 1}/{rounds} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
+                f"{key} {statistics.median(v[-steps:]):.3f}s" for key, v in times.items() if v), flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
     med = {key: statistics.median(v) for key, v in times.items() if v}
     print(f"{name} d_in={d_in} dict={n_lat} k={k} batch={batch}: " + ", ".join(
-        f"{key} {batch / s:,.0f} tok/s ({s:.3f} s/step)" for key, s in med.items()), flush=True)
-    print(f"{name}: fast/dense={med['dense'] / med['fast']:.2f}x"
-          + (f", fast/SAELens={med['saelens'] / med['fast']:.2f}x" if "saelens" in med else ", SAELens not run")
-          + f", fast step = {med['fast'] / med['floor']:.2f}x the one-encoder-matmul floor", flush=True)
+        f"{key} {batch / s:,.0f} tok/s" for key, s in med.items()), flush=True)
     return med
+
+
+def _find_anchors(build: bool) -> dict:
+    pythons, venvs = {}, {}
+    for name, (venv, _, what) in _anchors.ANCHORS.items():
+        if venv not in venvs:
+            venvs[venv] = _anchors.find_or_build(venv, build)
+        py, why = venvs[venv]
+        print(f"anchor {name}: {what}; venv: {why}" + ("" if py else f" -> SKIPPED ({name} not measured)"),
+              flush=True)
+        if py:
+            pythons[name] = py
+    return pythons
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per implementation per round (default 2)")
-    p.add_argument("--quick", action="store_true", help="small size only (the headline then uses it)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation (default: torch's)")
-    p.add_argument("--saelens-python", default=os.environ.get("SAELENS_PYTHON", "/tmp/saelens-venv/bin/python"))
+    p.add_argument("--quick", action="store_true", help="576/4k and 576/16k only")
+    p.add_argument("--sizes", default="", help=f"comma-separated subset of {', '.join(SIZES)}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation (0: automatic)")
+    p.add_argument("--with-dense", action="store_true", help="also time fcsae's dense reference")
+    p.add_argument("--no-build", action="store_true", help="skip anchors whose venv is missing instead of building it")
     args = p.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}",
-          flush=True)
-    if not Path(args.saelens_python).exists():
-        print(f"note: {args.saelens_python} missing: SAELens comparison skipped", flush=True)
+    threads = set_threads(args.threads)
+    names = args.sizes.split(",") if args.sizes else (["576/4k", "576/16k"] if args.quick else list(SIZES))
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        print(f"train_step.py: error: --sizes: unknown {unknown[0]!r}; allowed: {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    pythons = _find_anchors(not args.no_build)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in (["small"] if args.quick else ["small", "large"]):
-            results[name] = bench_size(name, SIZES[name], args.rounds, args.steps, args.saelens_python, Path(tmp))
-    head = results["small" if args.quick else "large"]
+        for name in names:
+            results[name] = bench_size(name, SIZES[name], args.rounds, args.steps, pythons, Path(tmp), threads,
+                                       args.with_dense)
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
-    if "saelens" in head:
-        print(f"vs SAELens: ratio={head['saelens'] / head['fast']:.2f} (target >= 1.0)")
-    print(f"train_step: ratio={head['dense'] / head['fast']:.2f} (target >= 2.0 vs dense)")
+    print("\nsize      " + "".join(f"{key:>16}" for key in results[names[-1]]) + "   (tokens/s)")
+    for name, med in results.items():
+        batch = SIZES[name][3]
+        print(f"{name:<10}" + "".join(f"{batch / med[key]:>16,.0f}" if key in med else f"{'-':>16}"
+                                      for key in results[names[-1]]))
+    head = [n for n in names if n in LARGE] or names
+    anchors = [a for a in _anchors.ANCHORS if all(a in results[n] for n in head)]
+    if anchors:
+        ratios = {n: min(results[n][a] for a in anchors) / results[n]["fcsae"] for n in head}
+        worst = min(ratios, key=ratios.get)
+        best = min(anchors, key=lambda a: results[worst][a])
+        print(f"train_step: ratio={ratios[worst]:.2f} (target >= 2.0; fcsae vs the best anchor, {best}, at {worst}; "
+              + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items()) + ")")
+    else:
+        print("train_step: no anchor was measured (see the SKIPPED lines above); no ratio")
+    floor = {n: results[n]["floor"] / results[n]["fcsae"] for n in head}
+    worst = min(floor, key=floor.get)
+    print(f"train_step_floor: ratio={floor[worst]:.2f} (target >= 0.7; fcsae step vs one fp32 encoder matmul, at {worst}; "
+          + ", ".join(f"{n} {r:.2f}" for n, r in floor.items()) + ")")
     return 0
 
 
