@@ -72,12 +72,13 @@ def active_counts(out, dict_size: int, tau_act: float) -> torch.Tensor:
     raise FcsaeInputError("tracker.update: the forward output has neither idx_BK/acts_BK nor latents_BF")
 
 
-def active_entries(out, dict_size: int, tau_act: float) -> ActiveEntries:
+def active_entries(out, dict_size: int, tau_act: float, counts_F: torch.Tensor | None = None) -> ActiveEntries:
     """Collect the pairs with ``|a| > tau_act`` from a ``ForwardOutput``, grouped by latent.
 
     TopK outputs use ``idx_BK``/``acts_BK``; dense (relu) outputs use the
     nonzeros of ``latents_BF``. Scanning the transposed mask yields pairs
-    already ordered by latent, so only TopK pays for a sort.
+    already ordered by latent, so only TopK pays for a sort. ``counts_F``:
+    ``active_counts`` of the same output when the caller has it already.
     """
     if getattr(out, "idx_BK", None) is not None:
         acts_BK = out.acts_BK.detach()
@@ -97,7 +98,8 @@ def active_entries(out, dict_size: int, tau_act: float) -> ActiveEntries:
         order = torch.sort(keys, stable=True).indices
         rows_N = (order // k) if rows is None else rows[order]
         acts_N = flat_acts[order]
-        counts_F = torch.bincount(flat_idx, minlength=dict_size)
+        if counts_F is None:
+            counts_F = torch.bincount(flat_idx, minlength=dict_size)
     elif getattr(out, "latents_BF", None) is not None:
         lat_FB = out.latents_BF.detach().T
         f_N, rows_N = (lat_FB.abs() > tau_act).nonzero(as_tuple=True)
@@ -155,20 +157,23 @@ class FrequencyConsistencyTracker:
         every = self.cfg.stats_every
         if every > 1 and int(self.n_updates) % every:
             return  # the sums take every ``stats_every``-th batch (the n-th, 2n-th, ...)
-        ent = active_entries(out, self.dict_size, self.cfg.tau_act)
+        ent = active_entries(out, self.dict_size, self.cfg.tau_act, counts_F)
 
         w_N = ent.acts_N.float() if self.cfg.weighting == "activation" else torch.ones_like(ent.acts_N, dtype=torch.float32)
         decay = alpha ** every if self.cfg.horizon == "ema" else 1.0  # same horizon in steps whatever stats_every
         S_FB = _csr(ent.crow_F1, ent.rows_N, w_N, (self.dict_size, B))
         # In place: sum_FD = decay * sum_FD + S_FB @ x_BD (MKL's fused CSR path; ~4x faster than matmul + add).
         torch.addmm(self.sum_FD, S_FB, x_BD, beta=decay, out=self.sum_FD)
-        sq_B = x_BD.pow(2).sum(1)
-        lat_N = torch.repeat_interleave(torch.arange(self.dict_size, device=x_BD.device), ent.counts_F,
-                                        output_size=w_N.shape[0])
-        wd_N = w_N.double()
-        self.sqsum_F.mul_(decay).index_add_(0, lat_N, wd_N * sq_B[ent.rows_N].double())
-        self.weight_F.mul_(decay).index_add_(0, lat_N, wd_N)
-        self.count_F.mul_(decay).add_(ent.counts_F.double())
+        sq_N = x_BD.pow(2).sum(1)[ent.rows_N].double()
+        counts_d = ent.counts_F.double()
+        if self.cfg.weighting == "activation":
+            wd_N = w_N.double()
+            self.sqsum_F.mul_(decay).add_(_segment_sums(wd_N * sq_N, ent.crow_F1))
+            self.weight_F.mul_(decay).add_(_segment_sums(wd_N, ent.crow_F1))
+        else:  # unit weights: the weight of a latent is its count
+            self.sqsum_F.mul_(decay).add_(_segment_sums(sq_N, ent.crow_F1))
+            self.weight_F.mul_(decay).add_(counts_d)
+        self.count_F.mul_(decay).add_(counts_d)
 
     @torch.no_grad()
     def scores(self) -> TrackerScores:
@@ -221,6 +226,13 @@ class FrequencyConsistencyTracker:
                                       f"(dict_size={self.dict_size}, d_in={self.d_in})")
         for name in self._STATE:
             getattr(self, name).copy_(sd[name].to(getattr(self, name).dtype))
+
+
+def _segment_sums(v_N: torch.Tensor, crow_F1: torch.Tensor) -> torch.Tensor:
+    """Sum of ``v_N`` over each latent's pairs ``crow[f]:crow[f+1]`` (a prefix sum, no [N] index tensor built)."""
+    cs = torch.zeros(v_N.shape[0] + 1, dtype=v_N.dtype, device=v_N.device)
+    torch.cumsum(v_N, 0, out=cs[1:])
+    return cs[crow_F1[1:]] - cs[crow_F1[:-1]]
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
