@@ -101,6 +101,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, help="torch device of the SAE (default cpu)")
     p.add_argument("--out", default=None, help="output directory (default $FCSAE_HOME/runs/<cache>-<activation>-<dict>)")
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint and start afresh")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: OMP_NUM_THREADS if set, else the cores the load average leaves "
+                        "free, at least 1; see fcsae.threads and docs/training.md)")
     p.set_defaults(func=_run_train)
 
 
@@ -138,7 +141,11 @@ def _run_train(args) -> int:
     from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
     from fcsae.paths import cache_dir
 
+    from fcsae.threads import set_threads
+
     s = _train_sections(args)
+    threads = set_threads(args.threads)  # refuses a bad --threads before anything is written
+    logging.getLogger(__name__).info("training with %d torch threads", threads)
     # Check every section before touching the cache (a harvest can take minutes).
     sae_d = dict(s["sae"])
     from_dict(SAEConfig, {"d_in": 1, **sae_d}, "sae.")

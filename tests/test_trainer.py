@@ -237,6 +237,7 @@ def test_train_from_cache_writes_outputs_and_resumes(tmp_path, fake_cache):
     (["--lr", "0"], "lr: must be > 0"),
     (["--lr", "-1"], "lr: must be > 0"),
     (["--activation", "gelu"], "activation: must be one of"),
+    (["--threads", "-1"], "threads: must be an integer >= 0"),
 ])
 def test_cli_bad_input_exit_2(fake_cache, tmp_path, capsys, flags, message):
     rc = cli.main(["train", "--cache", str(fake_cache), "--out", str(tmp_path / "o"), *flags])
