@@ -78,7 +78,7 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser(
         "train", help="train one SAE on cached activations",
-        description="Train one SAE (relu or topk) on an activation cache: --cache PATH, or --model/--layer "
+        description="Train one SAE (relu, topk, batchtopk or matryoshka) on an activation cache: --cache PATH, or --model/--layer "
         "(harvested first, a cache hit when already there). Settings come from --config YAML (sections sae, "
         "trainer, split, tracker; keys as in fcsae.config) and the flags below, which override it. Writes "
         "OUT/sae (safetensors + cfg.json), OUT/events.jsonl, OUT/train.json; resumes from OUT/checkpoint.",
@@ -92,8 +92,11 @@ def _add_train(sub) -> None:
     p.add_argument("--context-len", type=int, default=128, help="with --model: tokens per packed context (default 128)")
     p.add_argument("--config", default=None, help="YAML file with sections sae, trainer, split, tracker")
     p.add_argument("--dict-size", type=int, default=None, help="number of latents")
-    p.add_argument("--k", type=int, default=None, help="active latents per token (topk)")
-    p.add_argument("--activation", default=None, help="topk or relu")
+    p.add_argument("--k", type=float, default=None,
+                   help="active latents per token (an integer for topk; the batch average, may be fractional, for batchtopk/matryoshka)")
+    p.add_argument("--activation", default=None, help="topk, batchtopk, matryoshka or relu")
+    p.add_argument("--matryoshka-groups", default=None,
+                   help="matryoshka prefixes: widths '128,512,4096' or group fractions '1/4,3/4' (default 1/32,1/16,1/8,1/4,rest)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (trainer.total_tokens)")
     p.add_argument("--batch-size", type=int, default=None, help="tokens per step")
@@ -127,7 +130,8 @@ def _train_sections(args) -> dict:
             raise FcsaeInputError(f"--config: unknown section {unknown[0]!r}; allowed: sae, trainer, split, tracker")
     sections = {name: dict(sections.get(name) or {}) for name in ("sae", "trainer", "split", "tracker")}
     for section, key, value in (("sae", "dict_size", args.dict_size), ("sae", "k", args.k),
-                                ("sae", "activation", args.activation), ("trainer", "lr", args.lr),
+                                ("sae", "activation", args.activation), ("sae", "matryoshka_groups", args.matryoshka_groups),
+                                ("trainer", "lr", args.lr),
                                 ("trainer", "total_tokens", args.tokens), ("trainer", "batch_size", args.batch_size),
                                 ("trainer", "seed", args.seed), ("trainer", "device", args.device)):
         if value is not None:

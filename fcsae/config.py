@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
@@ -78,7 +79,34 @@ class HarvestConfig:
         require(self.store_dtype in ("float16", "bfloat16"), f"store_dtype: must be float16 or bfloat16, got {self.store_dtype!r}")
 
 
-ACTIVATIONS = ("topk", "relu")
+ACTIVATIONS = ("topk", "relu", "batchtopk", "matryoshka")
+BATCH_ACTIVATIONS = ("batchtopk", "matryoshka")
+"""Activations that keep the top ``k x batch`` pre-activations of the whole batch (inference: one threshold)."""
+SPARSE_ACTIVATIONS = ("topk", *BATCH_ACTIVATIONS)
+"""Activations with a fixed sparsity ``k`` (unit-norm decoder rows, AuxK for dead latents)."""
+MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
+"""Default group fractions of a Matryoshka SAE (the SAEBench suite's: 1/32, 1/16, 1/8, 1/4, rest)."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse_list(text, where: str) -> tuple[float, ...]:
+    """``"a,b,c"`` (or a list) of numbers, each an int, a decimal or ``p/q``."""
+    items = [str(v).strip() for v in text] if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = []
+    for item in items:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", item)
+        try:
+            out.append(int(m[1]) / int(m[2]) if m else (int(item) if re.fullmatch(r"\s*\d+\s*", item) else float(item)))
+        except (ValueError, ZeroDivisionError):
+            raise FcsaeInputError(f"{where}: {item!r} is not a number; give comma-separated numbers, e.g. '1/32,1/16,1/8,1/4,17/32'") from None
+    return tuple(out)
+
+
+def _canonical(values) -> str:
+    return ",".join(repr(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -90,18 +118,74 @@ class SAEConfig:
     dict_size: int = 4096
     """Number of latents."""
     activation: str = "topk"
-    """``topk`` (k largest pre-activations, then ReLU) or ``relu`` (trained with an L1 penalty)."""
-    k: int = 32
-    """Active latents per token for ``topk``; ignored for ``relu``."""
+    """``topk`` (k largest pre-activations per token, then ReLU), ``batchtopk`` (the ``k x batch`` largest of the whole
+    batch; at inference one threshold, the training EMA of the smallest kept activation), ``matryoshka`` (BatchTopK
+    trained with nested-prefix reconstruction losses, see ``matryoshka_groups``) or ``relu`` (trained with an L1 penalty)."""
+    k: float = 32
+    """Active latents per token: exact for ``topk`` (an integer), the batch average for ``batchtopk``/``matryoshka``
+    (may be fractional); ignored for ``relu``."""
+    matryoshka_groups: str = ""
+    """``matryoshka`` only: the nested prefixes, comma-separated, as integer prefix widths (strictly increasing, the
+    last = ``dict_size``, e.g. ``128,512,4096``) or as group fractions summing to 1 (e.g. ``1/4,3/4``); empty = the
+    SAEBench fractions 1/32, 1/16, 1/8, 1/4, rest."""
+    matryoshka_weights: str = ""
+    """``matryoshka`` only: comma-separated positive weight per prefix in the loss (normalised to sum 1); empty = equal."""
 
     def __post_init__(self):
+        for name in ("matryoshka_groups", "matryoshka_weights"):  # a YAML list is accepted and stored as its string
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, _canonical(_parse_list(value, name)))
         _check_types(self)
         require(isinstance(self.d_in, int) and self.d_in >= 1, f"d_in: must be an integer >= 1, got {self.d_in!r}")
         require(isinstance(self.dict_size, int) and self.dict_size >= 1, f"dict_size: must be an integer >= 1, got {self.dict_size!r}")
         require(self.activation in ACTIVATIONS, f"activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.activation == "topk":
-            require(isinstance(self.k, int) and 1 <= self.k <= self.dict_size,
-                    f"k: must be an integer in [1, dict_size={self.dict_size}], got {self.k!r}")
+            require(_is_number(self.k) and float(self.k).is_integer(),
+                    f"k: topk keeps a whole number of latents per token; got {self.k!r} (fractional k needs activation batchtopk or matryoshka)")
+            object.__setattr__(self, "k", int(self.k))
+        if self.activation in SPARSE_ACTIVATIONS:
+            require(_is_number(self.k) and 1 <= self.k <= self.dict_size,
+                    f"k: must be a number in [1, dict_size={self.dict_size}], got {self.k!r}")
+        if self.activation == "matryoshka":
+            widths = self.matryoshka_widths
+            require(widths[0] >= 1, f"matryoshka_groups: the first prefix is empty at dict_size={self.dict_size}; use fewer or larger groups")
+            weights = self.matryoshka_level_weights
+            require(len(weights) == len(widths),
+                    f"matryoshka_weights: needs one weight per prefix ({len(widths)}), got {len(weights)}")
+
+    @property
+    def matryoshka_widths(self) -> tuple[int, ...]:
+        """Nested prefix widths (strictly increasing, the last = ``dict_size``) from ``matryoshka_groups``."""
+        values = _parse_list(self.matryoshka_groups, "matryoshka_groups") if self.matryoshka_groups.strip() else MATRYOSHKA_FRACTIONS
+        if all(isinstance(v, int) for v in values):
+            require(all(a < b for a, b in zip(values, values[1:])),
+                    f"matryoshka_groups: prefix widths must be strictly increasing, got {self.matryoshka_groups!r}")
+            require(values[-1] == self.dict_size,
+                    f"matryoshka_groups: the last prefix width must be dict_size={self.dict_size}, got {values[-1]}")
+            require(values[0] >= 1, f"matryoshka_groups: prefix widths must be >= 1, got {values[0]}")
+            return tuple(values)
+        require(all(0 < v <= 1 for v in values), f"matryoshka_groups: fractions must be in (0, 1], got {self.matryoshka_groups!r}")
+        require(abs(sum(values) - 1) < 1e-6, f"matryoshka_groups: group fractions must sum to 1, got {sum(values):.6g}")
+        sizes = [int(v * self.dict_size) for v in values[:-1]]
+        sizes.append(self.dict_size - sum(sizes))
+        require(all(s >= 1 for s in sizes),
+                f"matryoshka_groups: a group is empty at dict_size={self.dict_size} ({self.matryoshka_groups or 'default'}); use fewer groups")
+        widths, total = [], 0
+        for s in sizes:
+            total += s
+            widths.append(total)
+        return tuple(widths)
+
+    @property
+    def matryoshka_level_weights(self) -> tuple[float, ...]:
+        """Loss weight per prefix, summing to 1 (equal unless ``matryoshka_weights`` says otherwise)."""
+        if not self.matryoshka_weights.strip():
+            n = len(self.matryoshka_widths)
+            return (1.0 / n,) * n
+        w = _parse_list(self.matryoshka_weights, "matryoshka_weights")
+        require(all(v > 0 for v in w), f"matryoshka_weights: weights must be > 0, got {self.matryoshka_weights!r}")
+        return tuple(v / sum(w) for v in w)
 
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -131,6 +215,9 @@ class TrainerConfig:
     """AuxK loss coefficient for ``topk`` SAEs (the TopK paper's default); 0 disables."""
     auxk_k: int = 256
     """Dead latents used by the AuxK loss."""
+    threshold_decay: float = 0.99
+    """batchtopk/matryoshka: EMA decay per step of the inference threshold (the smallest kept activation); SAELens's
+    0.99 follows about the last 100 steps, so short runs whose activations still shrink need less (0.9)."""
     dead_tokens: int = 1_000_000
     """A latent is dead after this many tokens without firing."""
     resample_every: int = 0
@@ -165,6 +252,7 @@ class TrainerConfig:
         require(self.grad_clip >= 0, f"grad_clip: must be >= 0, got {self.grad_clip!r}")
         require(self.l1_coeff >= 0, f"l1_coeff: must be >= 0, got {self.l1_coeff!r}")
         require(self.auxk_coeff >= 0, f"auxk_coeff: must be >= 0, got {self.auxk_coeff!r}")
+        require(0.0 <= self.threshold_decay < 1.0, f"threshold_decay: must be in [0, 1), got {self.threshold_decay!r}")
         require(self.dead_tokens >= 1, f"dead_tokens: must be >= 1, got {self.dead_tokens!r}")
         require(self.resample_every >= 0, f"resample_every: must be >= 0, got {self.resample_every!r}")
         require(0.0 <= self.resample_until <= 1.0, f"resample_until: must be in [0, 1], got {self.resample_until!r}")

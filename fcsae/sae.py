@@ -1,4 +1,4 @@
-"""SparseAutoencoder: ``relu`` (L1-penalised) and ``topk`` SAEs with a fast sparse TopK path.
+"""SparseAutoencoder: ``relu`` (L1-penalised), ``topk``, ``batchtopk`` and ``matryoshka`` SAEs with a fast sparse path.
 
 Parameters follow SAELens names and shapes: ``W_enc`` [D, F], ``b_enc`` [F],
 ``W_dec`` [F, D], ``b_dec`` [D]. Inputs are centred by ``b_dec`` before the
@@ -16,16 +16,32 @@ forms the encoder gradient as a sparse [F, B] x dense [B, D] product instead of
 a dense [D, B] x [B, F] one. ``fast=False`` is the plain dense reference
 (scatter into a [B, F] matrix, dense decoder) used by tests and the benchmark.
 
+``batchtopk`` and ``matryoshka`` keep the ``round(k x B)`` largest
+pre-activations of the whole batch during training (``forward``); a token's
+kept latents are returned as a [B, K] block padded with zero activations, K
+the most any token kept, so every consumer of ``acts_BK``/``idx_BK`` reads them
+as it reads TopK's. At inference (``encode``) the code is batch-independent:
+``relu(pre) * (pre > threshold)`` with ``threshold`` the EMA (decay
+``trainer.threshold_decay``) of the smallest kept activation per training
+batch, updated by ``update_threshold``. ``matryoshka`` also returns the
+reconstruction of every nested prefix of the dictionary from the same kept
+activations (``prefix_recons_BLD``), decoded in one ``embedding_bag`` over
+(token, group) bags and summed cumulatively.
+
 Layout on disk (``save``/``load``): ``sae_weights.safetensors`` (the four
 parameters, plus any ``extra_tensors`` a caller passes under a prefix, e.g. the
 tracker state as ``tracker.*``) and ``cfg.json`` (SAELens-like keys ``d_in``,
 ``d_sae``, ``architecture``, ``k``, ``apply_b_dec_to_input`` plus our
-``SAEConfig`` under ``fcsae``).
+``SAEConfig`` under ``fcsae``). ``batchtopk``/``matryoshka`` SAEs are saved as
+SAELens loads them, as JumpReLU SAEs (``architecture: jumprelu``, a per-latent
+``threshold`` tensor), as SAELens itself saves its BatchTopK SAEs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -37,7 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fcsae.config import SAEConfig, from_dict
+from fcsae.config import BATCH_ACTIVATIONS, SAEConfig, from_dict
 from fcsae.errors import FcsaeInputError
 from fcsae.io import atomic_path, write_json
 
@@ -56,7 +72,9 @@ class ForwardOutput(NamedTuple):
     idx_BK: torch.Tensor | None
     """TopK: indices of the k active latents; None for relu."""
     latents_BF: torch.Tensor | None
-    """relu: dense latent activations; None for topk."""
+    """relu and the dense batchtopk/matryoshka reference: dense latent activations; else None."""
+    prefix_recons_BLD: torch.Tensor | None = None
+    """matryoshka: reconstruction by each nested prefix [B, levels, D] (the last = ``recon_BD``); else None."""
 
 
 class AuxOutput(NamedTuple):
@@ -77,9 +95,12 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc_BD, W_encT_FD, b_enc_F, k, dead_mask_F, auxk):
+    def forward(ctx, xc_BD, W_encT_FD, b_enc_F, k, dead_mask_F, auxk, batch_n=0):
         pre_BF = torch.addmm(b_enc_F, xc_BD, W_encT_FD.t())
-        vals_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
+        if batch_n:
+            vals_BK, idx_BK = batch_topk(pre_BF, batch_n, k)
+        else:
+            vals_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
         if dead_mask_F is not None and auxk > 0:
             # pre_BF is not needed any more: mask alive latents in place.
             pre_BF.masked_fill_(~dead_mask_F, float("-inf"))
@@ -112,7 +133,39 @@ class _TopKEncode(torch.autograd.Function):
             grad_W = scatter_rows(idx_BN, g_BN, xc_BD, n_lat)
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx_BN, W_encT_FD, per_sample_weights=g_BN, mode="sum")
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+def batch_topk(pre_BF: torch.Tensor, n: int, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest entries of the whole batch, as per-row blocks [B, K] padded with zeros.
+
+    Row b keeps its ``m_b`` largest pre-activations (``sum_b m_b = n``); K is
+    the largest ``m_b``, values beyond ``m_b`` are 0 (so ReLU and every
+    ``acts > 0`` test drop them) and their indices are harmless duplicates of
+    real ones. Exactness without a [B*F] top-n: take each row's top ``cap``,
+    pick the top n among those candidates, and double ``cap`` while some row
+    kept all its candidates (it may have more above the batch threshold).
+    """
+    B, Fn = pre_BF.shape
+    cap = min(Fn, max(4 * math.ceil(k), -(-n // B)))
+    while True:
+        vals_BC, idx_BC = pre_BF.topk(cap, dim=1, sorted=True)
+        keep = torch.zeros(B * cap, dtype=torch.bool, device=pre_BF.device)
+        keep[vals_BC.reshape(-1).topk(n, sorted=False).indices] = True
+        # Ties at the batch threshold could pick a later column: count, then take the row's first m_b.
+        m_B = keep.view(B, cap).sum(1)
+        if cap == Fn or int(m_B.max()) < cap:
+            break
+        cap = min(Fn, 2 * cap)
+    K = max(1, int(m_B.max()))
+    vals_BK = vals_BC[:, :K].clone()
+    vals_BK[torch.arange(K, device=pre_BF.device)[None, :] >= m_B[:, None]] = 0.0
+    return vals_BK, idx_BC[:, :K].contiguous()
+
+
+def batch_n(k: float, batch: int) -> int:
+    """Activations a batchtopk SAE keeps in a batch of ``batch`` tokens: ``round(k x batch)``, at least 1."""
+    return max(1, round(k * batch))
 
 
 def scatter_rows(idx_BN: torch.Tensor, w_BN: torch.Tensor, y_BD: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -172,6 +225,11 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.clone().t())
         self.b_enc = nn.Parameter(torch.zeros(Fn))
         self.b_dec = nn.Parameter(torch.zeros(D))
+        # Negative = not measured yet (encode is then a plain ReLU).
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.batch = cfg.activation in BATCH_ACTIVATIONS
+        self.widths = cfg.matryoshka_widths if cfg.activation == "matryoshka" else None
+        self.level_weights = cfg.matryoshka_level_weights if cfg.activation == "matryoshka" else None
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -205,10 +263,15 @@ class SparseAutoencoder(nn.Module):
         return torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations [B, F] (zeros outside the top k for topk)."""
+        """Dense latent activations [B, F] at inference: zeros outside the top k for topk, below the threshold for batchtopk/matryoshka.
+
+        Each token's code depends on that token alone (batchtopk included).
+        """
         pre_BF = self.pre_acts(x_BD)
         if self.cfg.activation == "relu":
             return F.relu(pre_BF)
+        if self.batch:
+            return pre_BF * (pre_BF > self.threshold.clamp_min(0))
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
         return torch.zeros_like(pre_BF).scatter_(1, idx_BK, F.relu(vals_BK))
 
@@ -227,32 +290,77 @@ class SparseAutoencoder(nn.Module):
 
     def forward_aux(self, x_BD: torch.Tensor, dead_mask_F: torch.Tensor | None = None,
                     auxk: int = 0) -> tuple[ForwardOutput, AuxOutput | None]:
-        """Forward pass plus, for topk, the top ``auxk`` dead latents (for the AuxK loss).
+        """Training forward pass plus, for the k-sparse activations, the top ``auxk`` dead latents (for the AuxK loss).
 
-        The auxiliary part is None for relu, when ``auxk`` is 0, or when no latent is dead.
+        batchtopk/matryoshka select over the whole batch here (see the module
+        docstring). The auxiliary part is None for relu, when ``auxk`` is 0, or
+        when no latent is dead.
         """
         if self.cfg.activation == "relu":
             latents_BF = F.relu(self.pre_acts(x_BD))
             return ForwardOutput(self.decode(latents_BF), None, None, latents_BF), None
         n_dead = int(dead_mask_F.sum()) if dead_mask_F is not None else 0
         a = min(auxk, n_dead)
+        n = batch_n(self.cfg.k, len(x_BD)) if self.batch else 0
         if self.fast:
             vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = _TopKEncode.apply(
                 x_BD - self.b_dec, self.W_enc.t(), self.b_enc, self.cfg.k,
-                dead_mask_F if a > 0 else None, a)
+                dead_mask_F if a > 0 else None, a, n)
             acts_BK = F.relu(vals_BK)
-            out = ForwardOutput(self.decode_sparse(acts_BK, idx_BK), acts_BK, idx_BK, None)
+            if self.widths is not None:
+                prefix_BLD = self.decode_prefixes(acts_BK, idx_BK)
+                out = ForwardOutput(prefix_BLD[:, -1], acts_BK, idx_BK, None, prefix_BLD)
+            else:
+                out = ForwardOutput(self.decode_sparse(acts_BK, idx_BK), acts_BK, idx_BK, None)
             aux = AuxOutput(F.relu(aux_vals_BA), aux_idx_BA) if a > 0 else None
             return out, aux
         pre_BF = self.pre_acts(x_BD)
-        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
-        acts_BK = F.relu(vals_BK)
-        latents_BF = torch.zeros_like(pre_BF).scatter(1, idx_BK, acts_BK)
-        out = ForwardOutput(self.decode(latents_BF), acts_BK, idx_BK, None)
+        if self.batch:
+            flat = pre_BF.reshape(-1).topk(n, sorted=False)
+            latents_BF = torch.zeros_like(pre_BF).reshape(-1).scatter(0, flat.indices, F.relu(flat.values)).view_as(pre_BF)
+            prefix_BLD = None
+            if self.widths is not None:
+                prefix_BLD = torch.stack([latents_BF[:, :w] @ self.W_dec[:w] + self.b_dec for w in self.widths], 1)
+            out = ForwardOutput(self.decode(latents_BF), None, None, latents_BF, prefix_BLD)
+        else:
+            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
+            acts_BK = F.relu(vals_BK)
+            latents_BF = torch.zeros_like(pre_BF).scatter(1, idx_BK, acts_BK)
+            out = ForwardOutput(self.decode(latents_BF), acts_BK, idx_BK, None)
         if a == 0:
             return out, None
         aux_vals_BA, aux_idx_BA = pre_BF.masked_fill(~dead_mask_F, float("-inf")).topk(a, dim=1, sorted=False)
         return out, AuxOutput(F.relu(aux_vals_BA), aux_idx_BA)
+
+    def decode_prefixes(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+        """Reconstruction by each nested prefix [B, levels, D] from the kept latents, one decode for all levels.
+
+        Each kept (token, latent) goes to the bag (token, its group); the bags'
+        sums, accumulated over groups, are the prefix reconstructions.
+        """
+        B, K = idx_BK.shape
+        L = len(self.widths)
+        bounds = torch.tensor(self.widths[:-1], dtype=idx_BK.dtype, device=idx_BK.device)
+        bag_BK = torch.bucketize(idx_BK, bounds, right=True) + L * torch.arange(B, device=idx_BK.device)[:, None]
+        order = torch.argsort(bag_BK.reshape(-1), stable=True)
+        offsets = torch.zeros(B * L, dtype=torch.long, device=idx_BK.device)
+        torch.cumsum(torch.bincount(bag_BK.reshape(-1), minlength=B * L)[:-1], 0, out=offsets[1:])
+        part_ND = F.embedding_bag(idx_BK.reshape(-1)[order], self.W_dec, offsets,
+                                  per_sample_weights=acts_BK.reshape(-1)[order], mode="sum")
+        return part_ND.view(B, L, -1).cumsum(1) + self.b_dec
+
+    @torch.no_grad()
+    def update_threshold(self, out: ForwardOutput, decay: float = 0.99) -> None:
+        """batchtopk/matryoshka: move the inference threshold toward this batch's smallest kept activation (EMA)."""
+        acts = out.acts_BK if out.acts_BK is not None else out.latents_BF
+        positive = acts[acts > 0]
+        if positive.numel() == 0:
+            return
+        low = positive.min().to(self.threshold.dtype)
+        if self.threshold < 0:
+            self.threshold.copy_(low)
+        else:
+            self.threshold.mul_(decay).add_((1 - decay) * low)
 
     def decode_aux(self, aux: AuxOutput) -> torch.Tensor:
         """Reconstruction of the residual by the auxiliary latents (no decoder bias)."""
@@ -266,10 +374,10 @@ class SparseAutoencoder(nn.Module):
         """``cfg.json`` contents: SAELens-like keys plus our ``SAEConfig`` under ``fcsae``."""
         c = self.cfg
         return {
-            "d_in": c.d_in, "d_sae": c.dict_size, "architecture": c.activation,
+            "d_in": c.d_in, "d_sae": c.dict_size, "architecture": saelens_architecture(c.activation),
             "k": c.k if c.activation == "topk" else None,
             "apply_b_dec_to_input": True, "dtype": "float32",
-            "fcsae": {"d_in": c.d_in, "dict_size": c.dict_size, "activation": c.activation, "k": c.k},
+            "fcsae": dataclasses.asdict(c),
         }
 
     def save(self, path: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -280,6 +388,8 @@ class SparseAutoencoder(nn.Module):
         """
         path = Path(path)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in PARAM_NAMES}
+        if self.batch:
+            tensors["threshold"] = torch.full_like(tensors["b_enc"], float(self.threshold))
         for name, t in (extra_tensors or {}).items():
             if name in tensors:
                 raise FcsaeInputError(f"extra_tensors: name {name!r} collides with an SAE parameter")
@@ -317,7 +427,17 @@ class SparseAutoencoder(nn.Module):
                 if tuple(t.shape) != tuple(param.shape):
                     raise FcsaeInputError(f"{path}: {name} has shape {tuple(t.shape)}, cfg.json implies {tuple(param.shape)}")
                 param.copy_(t.to(param.dtype))
+            if sae.batch:
+                thr_F = tensors.pop("threshold", None)
+                if thr_F is None or thr_F.shape != sae.b_enc.shape or not bool((thr_F == thr_F[0]).all()):
+                    raise FcsaeInputError(f"{path}: a {cfg.activation} SAE needs one 'threshold' value per latent, all equal")
+                sae.threshold.fill_(float(thr_F[0]))
         return sae, tensors
+
+
+def saelens_architecture(activation: str) -> str:
+    """The ``architecture`` SAELens loads an SAE of this activation as (batchtopk SAEs infer as JumpReLU)."""
+    return "jumprelu" if activation in BATCH_ACTIVATIONS else activation
 
 
 def read_cfg(path: str | os.PathLike) -> SAEConfig:
@@ -332,6 +452,6 @@ def read_cfg(path: str | os.PathLike) -> SAEConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("fcsae"), dict):
         raise FcsaeInputError(f"{f}: missing the 'fcsae' section (not saved by fcsae)")
     cfg = from_dict(SAEConfig, raw["fcsae"], where="cfg.json fcsae.")
-    if (raw.get("d_in"), raw.get("d_sae"), raw.get("architecture")) != (cfg.d_in, cfg.dict_size, cfg.activation):
+    if (raw.get("d_in"), raw.get("d_sae"), raw.get("architecture")) != (cfg.d_in, cfg.dict_size, saelens_architecture(cfg.activation)):
         raise FcsaeInputError(f"{f}: d_in/d_sae/architecture disagree with the fcsae section")
     return cfg

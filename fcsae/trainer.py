@@ -8,10 +8,15 @@ Losses (inputs normalised so that E||x|| = sqrt(d_in), see ``ActivationCache``):
 
 - reconstruction: ``mse = mean_b ||x_b - x_hat_b||^2`` (summed over D);
 - relu: ``+ l1 * mean_b sum_i a_bi ||W_dec_i||`` (Anthropic's April-2024 form; L1 warm-up);
-- topk: ``+ auxk_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2`` where ``e`` is the
+- topk, batchtopk, matryoshka: ``+ auxk_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2`` where ``e`` is the
   (detached) residual and ``e_hat`` its reconstruction by the top ``auxk_k`` dead
-  latents (Gao et al. 2024). TopK decoders are kept at unit row norm
-  (gradient parallel to the rows removed, rows renormalised after each step).
+  latents (Gao et al. 2024). Their decoders are kept at unit row norm
+  (gradient parallel to the rows removed, rows renormalised after each step);
+- matryoshka: the reconstruction term is ``matryoshka_loss``, the weighted mean
+  over nested prefixes of each prefix's error, all prefixes decoding the same
+  BatchTopK activations truncated to the prefix (Bussmann et al. 2025);
+- batchtopk, matryoshka: after each step the inference threshold moves toward
+  the batch's smallest kept activation (``SparseAutoencoder.update_threshold``).
 
 Checkpoint layout (a directory written under a temporary name and renamed):
 ``state.safetensors`` (SAE parameters ``sae.*``, Adam moments ``optim.*``,
@@ -35,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
+from fcsae.config import SPARSE_ACTIVATIONS, SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
 from fcsae.errors import FcsaeInputError
 from fcsae.io import atomic_path, write_json
 from fcsae.resample import ResampleContext, make_policy
@@ -73,6 +78,12 @@ def _callback(callbacks, name: str, *args) -> None:
         fn = getattr(cb, name, None)
         if fn is not None:
             fn(*args)
+
+
+def matryoshka_loss(prefix_BLD: torch.Tensor, x_BD: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """Weighted mean over nested prefixes of ``mean_b ||x_b - prefix_recon_b||^2`` (weights sum to 1)."""
+    err_L = (prefix_BLD - x_BD[:, None, :]).pow(2).sum(2).mean(0)
+    return (err_L * torch.tensor(weights, dtype=err_L.dtype, device=err_L.device)).sum()
 
 
 class Trainer:
@@ -125,14 +136,17 @@ class Trainer:
     # ---------------------------------------------------------------- step
     def _losses(self, x_BD: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, ForwardOutput]:
         sae, c = self.sae, self.cfg
-        topk = sae.cfg.activation == "topk"
-        use_aux = topk and c.auxk_coeff > 0
+        relu = sae.cfg.activation == "relu"
+        use_aux = not relu and c.auxk_coeff > 0
         out, aux = sae.forward_aux(x_BD, self.dead_mask_F if use_aux else None, c.auxk_k if use_aux else 0)
         err_BD = out.recon_BD - x_BD
         mse = err_BD.pow(2).sum(1).mean()
         parts = {"mse": mse}
         loss = mse
-        if not topk:
+        if out.prefix_recons_BLD is not None:
+            loss = matryoshka_loss(out.prefix_recons_BLD, x_BD, sae.level_weights)
+            parts["matryoshka_mse"] = loss
+        if relu:
             l1 = (out.latents_BF * sae.W_dec.norm(dim=1)).sum(1).mean()
             parts["l1"] = l1
             loss = loss + self.l1_at(step) * l1
@@ -159,15 +173,18 @@ class Trainer:
             raise TrainingDiverged(f"loss is {loss.item()} at step {step}; the last checkpoint (if any) is left as it was")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if sae.cfg.activation == "topk":
+        sparse = sae.cfg.activation in SPARSE_ACTIVATIONS
+        if sparse:
             sae.remove_parallel_decoder_grad()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
         self.optimizer.step()
-        if sae.cfg.activation == "topk":
+        if sparse:
             sae.normalize_decoder()
         with torch.no_grad():
             out = ForwardOutput(*(t.detach() if t is not None else None for t in out))
+            if sae.batch:
+                sae.update_threshold(out, c.threshold_decay)
             self._update_counters(out, x_BD)
         self.step += 1
         self._maybe_resample()
@@ -275,6 +292,8 @@ class Trainer:
                 t[f"optim.{n}.{key}"] = val
         if self.tracker is not None:
             t.update({f"tracker.{k}": v for k, v in self.tracker.state_dict().items()})
+        if self.sae.batch:
+            t["sae.threshold"] = self.sae.threshold
         t["state.tokens_since_fired"] = self.tokens_since_fired_F
         t["state.buffer"] = self.buffer_ND[:self.buffer_fill]
         t["state.rng"] = self.generator.get_state()
@@ -348,6 +367,8 @@ class Trainer:
                     state[key] = torch.empty_like(p).copy_(val.to(self.device))
             if state:
                 self.optimizer.state[p] = state
+        if self.sae.batch:
+            self.sae.threshold.copy_(take("sae.threshold"))
         if self.tracker is not None:
             prefix = "tracker."
             self.tracker.load_state_dict({k[len(prefix):]: t.pop(k).to(self.device) for k in list(t) if k.startswith(prefix)})

@@ -90,7 +90,9 @@ def _scan(files: list[Path], schema: pa.Schema) -> pl.LazyFrame:
     for f in files:
         check_file(f)
     reference = pl.from_arrow(schema.empty_table()).schema
-    return pl.scan_parquet([str(f) for f in files], schema=reference, missing_columns="insert", extra_columns="ignore")
+    # allow-float: sae.k became a float column in 1.1 (fractional k for batchtopk); 1.0 files hold it as int64.
+    return pl.scan_parquet([str(f) for f in files], schema=reference, missing_columns="insert", extra_columns="ignore",
+                           cast_options=pl.ScanCastOptions(integer_cast="allow-float"))
 
 
 # ------------------------------------------------------------------ strict

@@ -31,7 +31,9 @@ How to add a column (a new config field or metric):
    already frozen), and commit both files.
 
 Renaming, removing or retyping a column is a MAJOR bump (readers refuse files
-of another major).
+of another major), except widening int64 to double (``MINOR_WIDENINGS``): the
+reader casts the older files' integers (1.1 widened ``sae.k`` for
+batchtopk's fractional k).
 
 Versioning: ``MAJOR.MINOR``. A minor bump only adds nullable columns, so readers
 accept any minor of a major they know; a new major means a changed meaning or
@@ -54,7 +56,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -82,7 +84,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("lm.model", STR), ("lm.layer", I64), ("lm.device", STR), ("lm.dtype", STR),
     ("harvest.corpus", STR), ("harvest.tokens", I64), ("harvest.context_len", I64), ("harvest.batch_size", I64),
     ("harvest.shard_tokens", I64), ("harvest.store_dtype", STR),
-    ("sae.d_in", I64), ("sae.dict_size", I64), ("sae.activation", STR), ("sae.k", I64),
+    ("sae.d_in", I64), ("sae.dict_size", I64), ("sae.activation", STR), ("sae.k", F64),
     ("trainer.lr", F64), ("trainer.batch_size", I64), ("trainer.total_tokens", I64), ("trainer.warmup_steps", I64),
     ("trainer.decay_start", F64), ("trainer.grad_clip", F64), ("trainer.l1_coeff", F64),
     ("trainer.l1_warmup_steps", I64), ("trainer.auxk_coeff", F64), ("trainer.auxk_k", I64),
@@ -97,6 +99,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("eval.max_k", I64), ("eval.f1_jump", F64), ("eval.seed", I64), ("eval.corpus", STR), ("eval.context_len", I64),
     ("eval.batch_size", I64), ("eval.kl_topk", I64), ("eval.icl_prefixes", I64),
     ("eval.absorption_train_fraction", F64),
+    ("sae.matryoshka_groups", STR), ("sae.matryoshka_weights", STR), ("trainer.threshold_decay", F64),
 ]
 """Config columns: dotted config field -> pyarrow type. Every scalar field of every config section has one
 (``tests/results_schema/test_schema_version.py`` checks it); the column's docstring is the field's own."""
@@ -263,6 +266,10 @@ def load_versions(path: Path = VERSIONS_FILE) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
+MINOR_WIDENINGS = {("int64", "double")}
+"""(old, new) column types a MINOR bump may change: the reader casts old files (``integer_cast="allow-float"``)."""
+
+
 def version_problems(versions: dict[str, dict], version: str, current: dict) -> list[str]:
     """Why ``current`` (the columns of ``version``) breaks the versioning rules; empty when it does not.
 
@@ -292,7 +299,7 @@ def version_problems(versions: dict[str, dict], version: str, current: dict) -> 
             continue
         for table in ("trial", "per_letter"):
             new = dict(map(tuple, versions[new_v][table]))
-            lost = [f"{n}:{t}" for n, t in versions[old_v][table] if new.get(n) != t]
+            lost = [f"{n}:{t}" for n, t in versions[old_v][table] if new.get(n) != t and (t, new.get(n)) not in MINOR_WIDENINGS]
             if lost:
                 problems.append(f"{new_v} is a minor bump of {old_v} but changes or drops {table} columns {', '.join(lost)}")
     return problems

@@ -77,3 +77,16 @@ def test_freeze_refuses_to_rewrite_a_frozen_version(tmp_path, monkeypatch):
     assert schema._freeze(path) == 2 and path.read_text() == before
     monkeypatch.setattr(schema, "SCHEMA_VERSION", "1.1")
     assert schema._freeze(path) == 0 and set(schema.load_versions(path)) == {"1.0", "1.1"}
+
+
+def test_a_minor_bump_may_widen_int64_to_double_only():
+    versions = schema.load_versions()
+    base = copy.deepcopy(versions["1.0"])
+    widened = copy.deepcopy(base)
+    widened["trial"] = [[n, "double" if n == "sae.d_in" else t] for n, t in widened["trial"]]
+    assert schema.version_problems({"1.0": base, "1.1": widened}, "1.1", widened) == []
+    narrowed = copy.deepcopy(base)
+    narrowed["trial"] = [[n, "int64" if n == "trainer.lr" else t] for n, t in narrowed["trial"]]
+    assert any("trainer.lr" in p for p in schema.version_problems({"1.0": base, "1.1": narrowed}, "1.1", narrowed))
+    assert dict(map(tuple, versions["1.0"]["trial"]))["sae.k"] == "int64"
+    assert dict(map(tuple, versions["1.1"]["trial"]))["sae.k"] == "double"
