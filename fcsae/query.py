@@ -54,6 +54,7 @@ LIMIT 5
 
 MATCHED_L0_SQL = """
 SELECT "split.criterion" AS criterion,
+       "sae.activation" AS activation,
        ROUND("core.l0" / {l0_bin}) * {l0_bin} AS l0_bin,
        COUNT(*) AS n_trials,
        COUNT(DISTINCT "trainer.seed") AS n_seeds,
@@ -62,8 +63,8 @@ SELECT "split.criterion" AS criterion,
        AVG("core.explained_variance") AS explained_variance_mean
 FROM trials
 WHERE status = 'ok' AND "{metric}" IS NOT NULL AND "core.l0" IS NOT NULL
-GROUP BY criterion, l0_bin
-ORDER BY l0_bin, metric_mean, criterion
+GROUP BY criterion, activation, l0_bin
+ORDER BY l0_bin, metric_mean, criterion, activation
 """
 
 LETTERS_SQL = """
@@ -176,7 +177,7 @@ def _importance(tables, metric=DEFAULT_METRIC, **_):
 
 RECIPES: dict[str, Recipe] = {
     "best": Recipe("the 5 best ok trials by --metric (absorption: lowest first)", _best),
-    "matched-l0": Recipe(f"each split criterion's mean/std of --metric within L0 bins of {L0_BIN} latents", _matched_l0),
+    "matched-l0": Recipe(f"each split criterion's and architecture's mean/std of --metric within measured-L0 bins of {L0_BIN} latents", _matched_l0),
     "letters": Recipe("one trial's per-letter absorption table (--trial ID)", _letters),
     "failed": Recipe("failed and pruned trials with the reason", _failed),
     "importance": Recipe("each searched parameter's effect on --metric (Spearman rho or eta squared)", _importance),

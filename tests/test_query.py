@@ -15,6 +15,7 @@ from fcsae.cli import main
 from fcsae.errors import FcsaeInputError
 from fcsae.query import RECIPES, parameter_importance, run_recipe, run_sql
 from results_schema.reader import load_tables
+from results_schema.schema import SCHEMA_VERSION
 from tests._report_utils import FC_EFFECT, write_sweep
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
@@ -30,7 +31,7 @@ def test_load_tables_reads_all_rows_and_letters(results):
     assert t.trials.height == 19  # 3 criteria x 3 seeds x 2 + 1 failed
     assert set(t.letters["trial_id"]) <= set(t.trials["trial_id"])
     assert t.letters.height == 18 * 4  # failed trials have no letters
-    assert t.problems == [] and t.schema_versions == ["1.0"]
+    assert t.problems == [] and t.schema_versions == [SCHEMA_VERSION]
     # The experiment directory works as well as its results directory.
     assert load_tables(results.parent).trials.height == 19
 
@@ -88,7 +89,7 @@ def test_documented_recipes_match_their_sql(results):
     assert run_sql(t, blocks[0]).equals(run_recipe(t, "best"))
     # Grouped means: polars' parallel aggregation may differ in the last bits between
     # runs (and so may the order of exact ties), so compare sorted, to a tolerance.
-    keys = ["criterion", "l0_bin"]
+    keys = ["criterion", "activation", "l0_bin"]
     assert_frame_equal(run_sql(t, blocks[1]).sort(keys), run_recipe(t, "matched-l0").sort(keys),
                        check_exact=False, rel_tol=1e-9)
     assert run_sql(t, blocks[2]).equals(run_recipe(t, "letters", trial="t000"))

@@ -150,6 +150,17 @@ def _comparison(ctx: Context) -> list[Block]:
             Block("bullets", rt.comparison_sentences(cmp, metrics[0]), f"Reading on `{metrics[0]}`")]
 
 
+def _architectures(ctx: Context) -> list[Block]:
+    metrics = [m for m in (rt.ABSORPTION, "absorption.mean_full_absorption", rt.EV, rt.L0) if rt.metric_present(ctx.ok, m)]
+    table = rt.architecture_comparison(ctx.ok, metrics)
+    if table.height == 0:
+        return []  # one architecture: the criteria comparison says it all
+    text = (f"Architectures (`sae.activation`) compared at matched measured L0: trials grouped into bins of "
+            f"{rt.L0_BIN} active latents of `{rt.L0}` (the inference code's L0, not the nominal k), then per "
+            "criterion; means over seeds, std across seeds.")
+    return [Block("h2", "Architectures at matched L0"), Block("p", text), Block("table", table, "Per L0 bin, architecture and criterion")]
+
+
 def _pareto(ctx: Context) -> list[Block]:
     blocks = [Block("h2", "Pareto fronts")]
     if not rt.metric_present(ctx.ok, rt.ABSORPTION):
@@ -252,7 +263,8 @@ def _fc_patterns(ctx: Context) -> list[Block]:
 
 
 SECTIONS: list[tuple[str, Callable[[Context], list[Block]]]] = [
-    ("status", _status), ("best trials", _best), ("criteria comparison", _comparison), ("Pareto fronts", _pareto),
+    ("status", _status), ("best trials", _best), ("criteria comparison", _comparison),
+    ("architectures", _architectures), ("Pareto fronts", _pareto),
     ("parameter effects", _effects), ("per-letter absorption", _letters), ("split events", _events),
     ("frequency-consistency patterns", _fc_patterns),
 ]

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from fcsae.query import L0_BIN
+
 log = logging.getLogger(__name__)
 
 CRITERION = "split.criterion"
@@ -23,6 +25,7 @@ SEED = "trainer.seed"
 ABSORPTION = "absorption.mean_absorption_fraction"
 EV = "core.explained_variance"
 L0 = "core.l0"
+ACTIVATION = "sae.activation"
 BASELINE = "none"
 """The criterion the methods are compared against (no resampling, no splitting)."""
 
@@ -114,6 +117,34 @@ def criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     return out.select("criterion", "metric", "n_trials", "n_seeds", "mean", "std", f"Δ vs {BASELINE}", "Δ SE")
 
 
+def architecture_comparison(ok: pl.DataFrame, metrics: list[str], l0_bin: float = L0_BIN) -> pl.DataFrame:
+    """Per (measured-L0 bin, architecture, criterion): seeds, and each metric's mean and std across seed means.
+
+    Architectures are compared at matched *measured* L0 (``core.l0``, the
+    inference code's), not at nominal k: batchtopk/matryoshka reach their L0
+    on average through a threshold. Empty unless the trials span at least two
+    ``sae.activation`` values.
+    """
+    if ACTIVATION not in ok.columns or L0 not in ok.columns or ok[ACTIVATION].n_unique() < 2:
+        return pl.DataFrame()
+    crit = pl.col(CRITERION) if CRITERION in ok.columns else pl.lit(BASELINE)
+    d = ok.filter(pl.col(L0).is_not_null() & pl.col(L0).is_not_nan()).with_columns(
+        ((pl.col(L0) / l0_bin).round() * l0_bin).alias("L0 bin"), crit.alias("_crit"))
+    d = d.with_columns(pl.concat_str([pl.col("L0 bin").cast(pl.Utf8), pl.col(ACTIVATION), pl.col("_crit")],
+                                     separator="|").alias("_cell"))
+    out = None
+    for m in [m for m in metrics if metric_present(d, m)]:
+        s = seed_stats(d, "_cell", m).select("_cell", "n_seeds", pl.col("mean").alias(m), pl.col("std").alias(f"{m} std"))
+        out = s if out is None else out.join(s.drop("n_seeds"), on="_cell", how="full", coalesce=True)
+    if out is None:
+        return pl.DataFrame()
+    cell = pl.col("_cell").str.split("|")
+    out = out.with_columns(cell.list.get(0).cast(pl.Float64).alias("L0 bin"), cell.list.get(1).alias("architecture"),
+                           cell.list.get(2).alias("criterion"))
+    return out.select("L0 bin", "architecture", "criterion", pl.exclude("_cell", "L0 bin", "architecture", "criterion")
+                      ).sort("L0 bin", "architecture", "criterion")
+
+
 def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
     """Plain-words reading of each criterion against the baseline on ``metric``, with its uncertainty."""
     dcol = f"Δ vs {BASELINE}"
@@ -140,7 +171,7 @@ def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
 
 def best_trials(ok: pl.DataFrame, metric: str, mode: str, n: int = 5, extra: list[str] | None = None) -> pl.DataFrame:
     """The ``n`` best ok trials by ``metric`` (``mode`` min or max) with their criterion, seed and key metrics."""
-    cols = ["trial_id", CRITERION, SEED] + (extra or []) + [metric, EV, L0]
+    cols = ["trial_id", CRITERION, ACTIVATION, SEED] + (extra or []) + [metric, EV, L0]
     cols = list(dict.fromkeys(c for c in cols if c in ok.columns))
     d = ok.filter(pl.col(metric).is_not_null() & pl.col(metric).is_not_nan())
     return d.sort(metric, descending=mode == "max").head(n).select(cols)

@@ -181,3 +181,24 @@ def test_suggest_samples_in_range_and_cycles_grid():
         assert 16 <= t.params["sae.dict_size"] <= 64
         cells.append((const["split.criterion"], const["trainer.seed"]))
     assert cells[:4] == cells[4:] and len(set(cells)) == 4
+
+
+def test_architectures_space_crosses_activation_criterion_and_k():
+    spec = space.load_space(REPO / "search_spaces" / "architectures.yaml", check_machine=False)
+    grid = dict(spec.grid)
+    assert grid["sae.activation"] == ("topk", "batchtopk", "matryoshka") and grid["split.criterion"] == ("none", "fc")
+    assert len(spec.grid_cells) == spec.num_samples == 24
+    for cell in spec.grid_cells:
+        cfgs = space.section_configs(spec.fixed, cell, d_in=576)
+        assert cfgs["sae"].activation == cell["sae.activation"] and cfgs["sae"].k == cell["sae.k"]
+
+
+def test_fractional_k_refused_for_topk_and_accepted_for_batchtopk():
+    ok = copy.deepcopy(GOOD)
+    ok["fixed"]["sae"] = {**ok["fixed"].get("sae", {}), "activation": "batchtopk"}
+    ok["search"]["sae.k"] = {"type": "float", "low": 2.5, "high": 12.5}
+    space.parse_space(ok)
+    bad = copy.deepcopy(ok)
+    bad["fixed"]["sae"]["activation"] = "topk"
+    with pytest.raises(space.SpaceError, match="topk keeps a whole number"):
+        space.parse_space(bad)

@@ -76,6 +76,22 @@ def test_comparison_without_baseline_says_so():
     assert "no comparison" in rt.comparison_sentences(cmp, rt.ABSORPTION)[0]
 
 
+def test_architectures_compared_at_matched_measured_l0():
+    rows = []
+    for arch, l0s, absorption in (("topk", (16.0, 32.0), 0.4), ("matryoshka", (15.2, 30.9), 0.1)):
+        for l0 in l0s:
+            for seed in (0, 1):
+                rows.append({"trial_id": f"{arch}{l0}{seed}", "sae.activation": arch, rt.CRITERION: "none",
+                             rt.SEED: seed, rt.L0: l0 + 0.1 * seed, rt.ABSORPTION: absorption + 0.02 * seed + l0 / 1000})
+    table = rt.architecture_comparison(pl.DataFrame(rows), [rt.ABSORPTION, rt.L0])
+    assert table["L0 bin"].to_list() == [16.0, 16.0, 32.0, 32.0]  # 15.2 and 16.0 are matched; so are 30.9 and 32.0
+    assert table["architecture"].to_list() == ["matryoshka", "topk", "matryoshka", "topk"]
+    row = table.row(3, named=True)
+    assert row["n_seeds"] == 2 and row[rt.ABSORPTION] == pytest.approx(0.4 + 0.01 + 0.032)
+    assert row[f"{rt.ABSORPTION} std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert rt.architecture_comparison(pl.DataFrame(rows).filter(pl.col("sae.activation") == "topk"), [rt.ABSORPTION]).height == 0
+
+
 def test_quartile_bins_hand_checked():
     df = pl.DataFrame({"p": [1.0, 2, 3, 4, 5, 6, 7, 8]})
     b = rt.with_bins(df, "p")

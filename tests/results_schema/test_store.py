@@ -128,3 +128,16 @@ def test_concurrent_writers_never_produce_torn_files(tmp_path):
     assert scans >= 5
     final = reader.scan_results(tmp_path).collect()
     assert final.height == 6 and set(final["core.mse"].to_list()) == {57.0, 58.0, 59.0}
+
+
+def test_1_0_rows_with_integer_k_read_beside_fractional_k(tmp_path):
+    """Schema 1.1 made ``sae.k`` a float (batchtopk's fractional k); 1.0 files hold it as int64."""
+    assert schema.TRIAL_SCHEMA.field("sae.k").type == pa.float64()
+    assert schema.TRIAL_SCHEMA.field("sae.matryoshka_groups").type == pa.string()
+    old = pa.table({"trial_id": ["old"], "status": ["ok"], "sae.k": pa.array([32], pa.int64())})
+    pq.write_table(old.replace_schema_metadata({schema.METADATA_KEY: b"1.0"}), tmp_path / "old.parquet")
+    store.write_trial(tmp_path, _row("new", **{"sae.k": 2.5, "sae.activation": "batchtopk"}))
+    df = reader.scan_results(tmp_path).sort("trial_id").collect()
+    assert df["sae.k"].to_list() == [2.5, 32.0]
+    tables = reader.load_tables(tmp_path)
+    assert tables.problems == [] and sorted(tables.trials["sae.k"].to_list()) == [2.5, 32.0]
