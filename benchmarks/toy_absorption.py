@@ -141,6 +141,9 @@ def main() -> None:
         true_l0.append(float(toy_test.labels_NG.sum(1).float().mean()))
         for a, k, c in cells:
             rows[(a, k, c)].append(run(c, seed, args, toy_train, toy_test, a, k))
+            r = rows[(a, k, c)][-1]
+            print(f"  seed {seed} {a} k={k} {c}: absorption {r['absorption']:.3f}, fve {r['fve']:.3f}, l0 {r['l0']:.2f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t0
 
     print(f"\ntrue L0 of the toy (planted features on per sample): {statistics.mean(true_l0):.2f}")

@@ -26,7 +26,11 @@ Threads: ``--threads 0`` (default) lets ``fcsae.threads.auto_threads`` choose
 (1 when the load average leaves no core free); every implementation uses the
 same number.
 
-Usage: ``python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads N] [--quick]``.
+``--architectures`` adds a case: fcsae's TopK vs BatchTopK vs Matryoshka
+(SAEBench prefixes) steps, fast path, at the same shape and k, interleaved,
+each with its step time relative to TopK.
+
+Usage: ``python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads N] [--quick] [--architectures]``.
 Last lines: ``train_step: ratio=X.XX`` (fcsae tokens/s / the best anchor's, at
 the large dictionary, the smaller ratio of the two widths; target >= 2.0) and
 ``train_step_floor: ratio=X.XX`` (fcsae / the floor there; target >= 0.7).
@@ -65,8 +69,9 @@ DEAD_FRAC = 0.5
 """Fraction of latents marked dead in the ``fcsae+dead`` case."""
 
 
-def _trainer(d_in: int, n_lat: int, k: int, batch: int, fast: bool = True, dead_frac: float = 0.0) -> Trainer:
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, dict_size=n_lat, k=k), fast=fast)
+def _trainer(d_in: int, n_lat: int, k: int, batch: int, fast: bool = True, dead_frac: float = 0.0,
+             activation: str = "topk") -> Trainer:
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, dict_size=n_lat, k=k, activation=activation), fast=fast)
     cfg = TrainerConfig(batch_size=batch, total_tokens=batch * 10_000, warmup_steps=10, b_dec_init="zeros",
                         log_every=10_000, buffer_tokens=0)
     trainer = Trainer(sae, cfg)
@@ -162,6 +167,24 @@ def _find_anchors(build: bool) -> dict:
     return pythons
 
 
+def bench_architectures(name: str, size: tuple, rounds: int, steps: int) -> dict:
+    """Median seconds per fast step of topk, batchtopk and matryoshka at one size, interleaved."""
+    d_in, n_lat, k, batch = size
+    g = torch.Generator().manual_seed(0)
+    data_ND = (torch.randn(batch * 4, d_in, generator=g) * torch.rand(d_in, generator=g) * 1.7 + 0.3)
+    trainers = {a: _trainer(*size, activation=a) for a in ("topk", "batchtopk", "matryoshka")}
+    for t in trainers.values():
+        _time_ours(t, data_ND, batch, 1)  # warm-up
+    times: dict[str, list[float]] = {a: [] for a in trainers}
+    for _ in range(rounds):
+        for a, t in trainers.items():
+            times[a] += _time_ours(t, data_ND, batch, steps)
+    med = {a: statistics.median(v) for a, v in times.items()}
+    print(f"{name} architectures: " + ", ".join(
+        f"{a} {batch / s:,.0f} tok/s ({s / med['topk']:.2f}x topk's step time)" for a, s in med.items()), flush=True)
+    return med
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -170,6 +193,7 @@ def main() -> int:
     p.add_argument("--sizes", default="", help=f"comma-separated subset of {', '.join(SIZES)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation (0: automatic)")
     p.add_argument("--with-dense", action="store_true", help="also time fcsae's dense reference")
+    p.add_argument("--architectures", action="store_true", help="also time batchtopk and matryoshka vs topk (fast path)")
     p.add_argument("--no-build", action="store_true", help="skip anchors whose venv is missing instead of building it")
     args = p.parse_args()
     threads = set_threads(args.threads)
@@ -186,6 +210,8 @@ def main() -> int:
         for name in names:
             results[name] = bench_size(name, SIZES[name], args.rounds, args.steps, pythons, Path(tmp), threads,
                                        args.with_dense)
+            if args.architectures:
+                bench_architectures(name, SIZES[name], args.rounds, args.steps)
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     print("\nsize      " + "".join(f"{key:>16}" for key in results[names[-1]]) + "   (tokens/s)")
     for name, med in results.items():
