@@ -10,6 +10,7 @@ from fcsae.config import SAEConfig, SplitConfig, TrackerConfig
 from fcsae.errors import FcsaeInputError
 from fcsae.sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder, batch_n
 from fcsae.trainer import Trainer, matryoshka_loss
+from tests.test_sae import _pair as sae_pair
 from tests.test_trainer import _run, fake_cache, tcfg  # noqa: F401  (fake_cache is a fixture)
 
 D, FN = 12, 48
@@ -22,16 +23,8 @@ def _cfg(activation, k=2.5, **kw):
 
 
 def _pair(activation, k=2.5, **kw):
-    """A fast and a dense SAE with identical, non-trivial weights."""
-    fast = SparseAutoencoder(_cfg(activation, k, **kw), fast=True, seed=1)
-    dense = SparseAutoencoder(_cfg(activation, k, **kw), fast=False, seed=2)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        fast.b_enc.normal_(generator=g)
-        fast.b_dec.normal_(generator=g)
-        fast.W_enc.add_(0.3 * torch.randn(D, FN, generator=g))
-    dense.load_state_dict(fast.state_dict())
-    return fast, dense
+    """A fast and a dense SAE of ``activation`` with identical, non-trivial weights."""
+    return sae_pair(_cfg(activation, k, **kw))
 
 
 def _dense_codes(out, n_lat):

@@ -15,10 +15,11 @@ D, FN, K = 12, 48, 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _pair(auxk_dead=True):
-    """A fast and a dense TopK SAE with identical, non-trivial weights."""
-    fast = SparseAutoencoder(SAEConfig(d_in=D, dict_size=FN, k=K), fast=True, seed=1)
-    dense = SparseAutoencoder(SAEConfig(d_in=D, dict_size=FN, k=K), fast=False, seed=2)
+def _pair(cfg=None):
+    """A fast and a dense SAE (TopK unless ``cfg`` says otherwise) with identical, non-trivial weights."""
+    cfg = cfg or SAEConfig(d_in=D, dict_size=FN, k=K)
+    fast = SparseAutoencoder(cfg, fast=True, seed=1)
+    dense = SparseAutoencoder(cfg, fast=False, seed=2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         fast.b_enc.normal_(generator=g)
