@@ -324,6 +324,43 @@ class ToyAnalysis(NamedTuple):
     snapshots: pl.DataFrame
     events: list
     absorption: dict
+    detection: dict
+    """``fcsae.detectors`` AUROC per detector for absorbers (``absorbers.<name>``) and absorbed parents (``parents.<name>``)."""
+
+
+def absorbed_parents(res, dict_size: int, min_absorption: float = 0.1) -> torch.Tensor:
+    """Bool per latent: the latent of a planted parent absorbed on at least ``min_absorption`` of its samples."""
+    out = torch.zeros(dict_size, dtype=torch.bool)
+    for p in res.per_parent:
+        if p["latent"] >= 0 and p["absorption"] >= min_absorption:
+            out[p["latent"]] = True
+    return out
+
+
+def auroc(score_L: torch.Tensor, positive_L: torch.Tensor, mask_L: torch.Tensor) -> float:
+    """AUROC of ``score`` for positives vs the rest among ``mask``; nan when a class is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = positive_L[mask_L].cpu().numpy(), score_L[mask_L].float().cpu().numpy()
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def detector_panel_auroc(panel: dict, res, mask_L: torch.Tensor) -> dict[str, float]:
+    """AUROC of each detector score for the toy's absorbers and for its absorbed parents, among ``mask_L``."""
+    parents = absorbed_parents(res, len(mask_L))
+    out = {}
+    for name, s in panel.items():
+        out[f"absorbers.{name}"] = auroc(s.cpu(), res.absorber_L, mask_L.cpu())
+        out[f"parents.{name}"] = auroc(s.cpu(), parents, mask_L.cpu())
+    return out
+
+
+def trainer_detection(trainer, res) -> tuple[dict, dict]:
+    """The detector panel of a trained toy SAE (its tracker and input buffer) and its AUROCs (latents with data)."""
+    from fcsae.detectors import detector_panel
+
+    panel = detector_panel(trainer.sae, trainer.tracker, trainer.buffer_ND[:trainer.buffer_fill])
+    return panel, detector_panel_auroc(panel, res, trainer.tracker.scores().count_F > 0)
 
 
 def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: int = 64, k: int = 4,
@@ -332,6 +369,7 @@ def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: i
 
     Roles: ``absorber`` from ``fcsae.toy.measure_absorption``, ``main`` = each
     parent's own latent (the one a perfect SAE would keep), ``other`` the rest.
+    The table also has one column per detector of ``fcsae.detectors``.
     """
     from fcsae.sae import SparseAutoencoder
     from fcsae.toy import ToyConfig, make_toy, measure_absorption, toy_batches
@@ -349,8 +387,20 @@ def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: i
     res = measure_absorption(sae, toy)
     main = [p["latent"] for p in res.per_parent if p["latent"] >= 0]
     roles = latent_roles(dict_size, main, res.absorber_L.nonzero().flatten().tolist())
-    return ToyAnalysis(latent_table(trainer.tracker.scores(), roles), pl.DataFrame(snaps.rows), list(trainer.events),
-                       res.summary)
+    panel, detection = trainer_detection(trainer, res)
+    table = latent_table(trainer.tracker.scores(), roles).with_columns(
+        [pl.Series(name, v.float().cpu().numpy()) for name, v in panel.items()])
+    return ToyAnalysis(table, pl.DataFrame(snaps.rows), list(trainer.events), res.summary, detection)
+
+
+def detection_summary(runs: list[ToyAnalysis]) -> pl.DataFrame:
+    """Per detector: AUROC for absorbers and for absorbed parents, mean and std over the runs (seeds)."""
+    rows = [{"seed": i, "key": k, "auroc": v} for i, r in enumerate(runs) for k, v in r.detection.items()]
+    df = pl.DataFrame(rows).with_columns(pl.col("key").str.split_exact(".", 1).struct.rename_fields(["target", "detector"])
+                                         .alias("k")).unnest("k")
+    return (df.group_by("detector", "target", maintain_order=True)
+            .agg(pl.col("auroc").drop_nans().mean().alias("mean"), pl.col("auroc").drop_nans().std().alias("std"),
+                 pl.col("auroc").is_not_nan().sum().alias("n")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("toy", help="train on the planted toy and plot with ground-truth absorbers")
     t.add_argument("--criterion", default="fc", help="split criterion (default fc)")
     t.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
-    t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="seed (default 0); with --seeds N, seeds seed..seed+N-1")
+    t.add_argument("--seeds", type=int, default=1, help="runs; detector AUROCs are printed as mean +- std over them")
     t.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -385,10 +436,16 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.criterion not in CRITERIA:
                 raise FcsaeInputError(f"--criterion: must be one of {', '.join(CRITERIA)}, got {args.criterion!r}")
-            res = run_toy(args.criterion, steps=args.steps, seed=args.seed)
+            if args.seeds < 1:
+                raise FcsaeInputError(f"--seeds: must be >= 1, got {args.seeds}")
+            runs = [run_toy(args.criterion, steps=args.steps, seed=args.seed + i) for i in range(args.seeds)]
+            res = runs[0]
             paths = write_figures(res.table, args.out, res.snapshots, 512, res.events,
                                   title=f"Planted toy, criterion {args.criterion}: ground-truth roles")
-            print(json.dumps(res.absorption))
+            for r in runs:
+                print(json.dumps(r.absorption))
+            with pl.Config(tbl_rows=-1, float_precision=3):
+                print(detection_summary(runs))
     except FcsaeInputError as e:
         print(f"fcsae.analysis: error: {e}", file=sys.stderr)
         return 2

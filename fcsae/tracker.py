@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from fcsae.config import TrackerConfig
+from fcsae.config import CONSISTENCY, TrackerConfig
 from fcsae.errors import FcsaeInputError, require
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,15 @@ class FrequencyConsistencyTracker:
         self.count_F.mul_(decay).add_(counts_d)
 
     @torch.no_grad()
-    def scores(self) -> TrackerScores:
-        """Frequency, consistency and absorption score of every latent, from the current statistics."""
+    def scores(self, consistency: str | None = None) -> TrackerScores:
+        """Frequency, consistency and absorption score of every latent, from the current statistics.
+
+        ``consistency`` overrides the configured definition (``normalized`` or ``seed``): the detector panel
+        reports both from the same sums.
+        """
+        consistency = consistency or self.cfg.consistency
+        if consistency not in CONSISTENCY:
+            raise FcsaeInputError(f"consistency: must be normalized or seed, got {consistency!r}")
         alpha = self.cfg.ema_alpha
         bias_F = 1.0 - torch.pow(torch.full_like(self.freq_F, alpha), self.updates_F.float())
         freq_F = torch.where(self.updates_F > 0, self.freq_F / bias_F.clamp_min(1e-12), torch.zeros_like(self.freq_F))
@@ -190,7 +197,7 @@ class FrequencyConsistencyTracker:
         mean_sq_F = self.sqsum_F / Wsafe_F  # E||x||^2 over the latent's inputs
         mu_sq_F = (mean_FD - m_D).pow(2).sum(1)  # ||E x - m||^2 = ||mu_i||^2, centred
         trace_F = (mean_sq_F - mean_FD.pow(2).sum(1)).clamp_min(0.0)  # tr(Sigma_i), centring-invariant
-        if self.cfg.consistency == "normalized":
+        if consistency == "normalized":
             # E||x - m||^2 = tr(Sigma) + ||mu||^2, so c = ||mu||^2 / E||x - m||^2 lies in [0, 1].
             total_F = trace_F + mu_sq_F
             c_F = torch.where(total_F > 0, mu_sq_F / total_F.clamp_min(1e-30), torch.ones_like(total_F))

@@ -170,6 +170,26 @@ def test_toy_run_labels_latents_by_ground_truth():
     assert 0 < n_main + n_abs <= cfg.n_groups + 32  # parents that got a latent, plus the absorbers found
     assert res.snapshots["step"].to_list() == [10, 20, 30, 40]
     assert all(math.isfinite(v) for v in res.table["score"].to_list())
+    from fcsae.detectors import DETECTORS
+
+    assert set(DETECTORS) <= set(res.table.columns)  # one column per detector, per latent
+    assert set(res.detection) == {f"{t}.{d}" for t in ("absorbers", "parents") for d in DETECTORS}
+    summary = analysis.detection_summary([res, res])
+    assert summary.height == 2 * len(DETECTORS) and set(summary["n"].to_list()) <= {0, 2}
+    both = summary.filter(pl.col("n") == 2)
+    assert (both["std"].abs() < 1e-9).all() and ((both["mean"] >= 0) & (both["mean"] <= 1)).all()
+
+
+def test_absorbed_parents_and_auroc():
+    from types import SimpleNamespace
+
+    res = SimpleNamespace(per_parent=[{"latent": 2, "absorption": 0.5}, {"latent": 0, "absorption": 0.05},
+                                      {"latent": -1, "absorption": 0.9}])
+    assert analysis.absorbed_parents(res, 4).tolist() == [False, False, True, False]
+    pos = torch.tensor([False, True, True, False])
+    assert analysis.auroc(torch.tensor([0.1, 0.9, 0.8, 0.2]), pos, torch.ones(4, dtype=torch.bool)) == 1.0
+    assert analysis.auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), pos, torch.ones(4, dtype=torch.bool)) == 0.5
+    assert math.isnan(analysis.auroc(torch.ones(4), pos, ~pos))
 
 
 @pytest.mark.slow
