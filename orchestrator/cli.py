@@ -31,6 +31,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an existing experiment")
     g.add_argument("--restart", action="store_true", help="delete an existing experiment and start over")
     p.add_argument("--fail-fast", action="store_true", help="stop the whole sweep at the first failed trial (debugging)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a trial whose worker or node died, from its last checkpoint (default 2)")
     p.add_argument("--no-live", action="store_true", help="log one line per finished trial instead of a live table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -81,6 +83,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
         if args.num_cpus is not None and args.num_cpus < 1:
             raise FcsaeInputError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
+        if args.max_failures < 0:
+            raise FcsaeInputError(f"--max-failures: must be >= 0, got {args.max_failures}")
         if args.address and args.num_cpus:
             raise FcsaeInputError("--num-cpus: only for a local cluster, not with --address")
         joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
@@ -88,7 +92,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         root = Path(args.experiment_dir).expanduser().resolve() if args.experiment_dir else driver.default_experiment_dir(spec, args.storage)
         mode = _choose_mode(args, root)
         outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
-                                   fail_fast=args.fail_fast, live=False if args.no_live else None)
+                                   fail_fast=args.fail_fast, live=False if args.no_live else None,
+                                   max_failures=args.max_failures)
     except FcsaeInputError as e:
         print(f"fcsae-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -105,10 +110,12 @@ def sweep_main(argv: list[str] | None = None) -> int:
           f"results in {root / 'results'}")
     if c["ok"] + c["failed"] + c["pruned"]:
         _print_summary(spec, root)
-    if args.fail_fast and c["failed"]:
-        return 1
-    if not outcome.complete:
+    if not outcome.complete and not (args.fail_fast and c["failed"]):
         print(f"sweep incomplete; resume with: fcsae-sweep --space {args.space} --experiment-dir {root} --resume",
               file=sys.stderr)
         return 130
+    if c["failed"]:  # like Ray Tune's raise_on_failed_trial: scripts and CI must notice
+        print(f"fcsae-sweep: {c['failed']} of {c['total']} trials failed; see failure_reason in {root / 'results'}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -34,6 +34,8 @@ from ray.tune.search.optuna import OptunaSearch
 import fcsae
 from fcsae.errors import FcsaeInputError
 from fcsae.io import write_json
+from orchestrator import experiment, ray_procs
+from orchestrator.ray_procs import stop_recorded as stop_recorded_ray
 from orchestrator.space import SweepSpec, suggest
 from orchestrator.trainable import ExperimentPaths, load_runner, record_missing_row, run_trial
 from results_schema import reader
@@ -65,90 +67,59 @@ def _comparable_space(raw: dict) -> str:
     return json.dumps({k: v for k, v in raw.items() if k not in ("description", "max_concurrent")}, sort_keys=True, default=str)
 
 
-def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]:
-    """Create, check or wipe the experiment dir; returns (sweep_id, resuming).
+def check_dir(root: Path, mode: str) -> dict | None:
+    """Refuse a directory ``mode`` may not use (one line each); returns the experiment's sweep.json, if any.
 
-    An existing experiment needs ``mode='resume'`` (the space must be the same)
-    or ``mode='restart'`` (it is deleted first); a non-empty directory that is
-    not an fcsae experiment is never deleted.
+    Never writes: a foreign or truncated sweep.json, a file in the way, a
+    non-empty directory that is no experiment, ``resume`` of a missing one
+    (naming the experiments that do exist next to it).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    paths = ExperimentPaths(root)
-    exists = paths.sweep_file.exists()
-    if not exists and root.exists() and any(root.iterdir()):
+    if root.exists() and not root.is_dir():
+        raise FcsaeInputError(f"{root}: exists and is not a directory; --experiment-dir must be a directory")
+    if ExperimentPaths(root).sweep_file.exists():
+        meta = experiment.read_marker(root)
+        if mode == "new":
+            raise FcsaeInputError(f"{root}: experiment exists; pass --resume to continue it or --restart to start over")
+        return meta
+    if mode == "resume":
+        names = experiment.list_experiments(root.parent)
+        raise FcsaeInputError(f"{root}: no experiment to resume; experiments in {root.parent}: "
+                              f"{', '.join(names) if names else 'none'}")
+    if root.exists() and experiment.foreign_entries(root):
         raise FcsaeInputError(f"{root}: exists, is not empty and holds no sweep.json; choose another --experiment-dir")
-    if exists and mode == "new":
-        raise FcsaeInputError(f"{root}: experiment exists; pass --resume to continue it or --restart to start over")
-    if exists and mode == "restart":
+    return None
+
+
+def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]:
+    """Create, check or wipe the experiment dir; returns (sweep_id, resuming).
+
+    The caller holds the experiment's lock. An existing experiment needs
+    ``mode='resume'`` (the space must be the same) or ``mode='restart'`` (what
+    fcsae wrote is deleted first); a directory that is not an fcsae experiment
+    is never continued nor deleted.
+    """
+    meta = check_dir(root, mode)
+    experiment.check_writable(root)
+    if meta is not None:
         stop_recorded_ray(root)
-        shutil.rmtree(root)
-        exists = False
-    if exists:
-        meta = json.loads(paths.sweep_file.read_text())
-        if _comparable_space(meta["space"]) != _comparable_space(spec.raw):
-            raise FcsaeInputError(f"{root}: the search space changed since this experiment began; "
-                                  "resume with the same space, or pass --restart (or a new name)")
-        stop_recorded_ray(root)
-        return meta["sweep_id"], True
-    root.mkdir(parents=True, exist_ok=True)
+        if mode == "restart":
+            experiment.wipe(root)
+        else:
+            if _comparable_space(meta["space"]) != _comparable_space(spec.raw):
+                raise FcsaeInputError(f"{root}: the search space changed since this experiment began; "
+                                      "resume with the same space, or pass --restart (or a new name)")
+            return meta["sweep_id"], True
+    experiment.prepare_root(root)
     sweep_id = f"{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    write_json(paths.sweep_file, {"sweep_id": sweep_id, "name": spec.name, "space": spec.raw,
-                                  "created": dt.datetime.now(dt.timezone.utc).isoformat(), "fcsae_version": fcsae.__version__})
+    write_json(ExperimentPaths(root).sweep_file, {"format": experiment.FORMAT, "sweep_id": sweep_id, "name": spec.name,
+                                                  "space": spec.raw, "fcsae_version": fcsae.__version__,
+                                                  "created": dt.datetime.now(dt.timezone.utc).isoformat()})
     return sweep_id, False
 
 
-# ------------------------------------------------------------------ Ray processes
-
-
-def _record_ray_pids(root: Path) -> None:
-    """Remember the local cluster's processes so a later driver can stop them if this one is SIGKILLed."""
-    import psutil
-
-    me = psutil.Process()
-    procs = [{"pid": p.pid, "create_time": p.create_time()} for p in me.children(recursive=True)]
-    write_json(root / "ray_pids.json", {"driver": me.pid, "driver_create_time": me.create_time(), "processes": procs})
-
-
-def _same_process(pid: int, create_time: float | None) -> bool:
-    """True if ``pid`` runs and is the process recorded (same start time), not a recycled pid."""
-    import psutil
-
-    try:
-        return create_time is not None and abs(psutil.Process(pid).create_time() - create_time) < 1e-3
-    except psutil.Error:
-        return False
-
-
-def stop_recorded_ray(root: Path) -> int:
-    """Stop processes a previous (killed) driver of this experiment started; returns how many were stopped.
-
-    A process is matched by pid *and* creation time, so a recycled pid is never touched.
-    """
-    import psutil
-
-    path = root / "ray_pids.json"
-    if not path.exists():
-        return 0
-    info = json.loads(path.read_text())
-    if _same_process(info.get("driver", -1), info.get("driver_create_time")):
-        raise FcsaeInputError(f"{root}: another driver (pid {info['driver']}) is still running this experiment")
-    stopped = []
-    for rec in info.get("processes", []):
-        if _same_process(rec["pid"], rec["create_time"]):
-            try:
-                p = psutil.Process(rec["pid"])
-                p.terminate()
-                stopped.append(p)
-            except psutil.Error:
-                continue
-    _, alive = psutil.wait_procs(stopped, timeout=5)
-    for p in alive:
-        p.kill()
-    if stopped:
-        log.info("stopped %d leftover Ray processes of an earlier driver", len(stopped))
-    path.unlink()
-    return len(stopped)
+# ------------------------------------------------------------------ Ray
 
 
 def start_ray(address: str | None, num_cpus: int | None, root: Path) -> bool:
@@ -164,9 +135,11 @@ def start_ray(address: str | None, num_cpus: int | None, root: Path) -> bool:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token to manage
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False)
-    _record_ray_pids(root)
+    # address="local": a plain ray.init() joins whatever cluster `ray start` (or ray.cluster_utils) last
+    # advertised in /tmp/ray/ray_current_cluster, even a dead one: never someone else's cluster by accident.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    ray_procs.record(root)
     return True
 
 
@@ -194,8 +167,14 @@ class _RowKeeper:
         self.spec, self.root, self.sweep_id = spec, str(root), sweep_id
 
     def _record(self, trial, status: str, reason: str) -> None:
-        if record_missing_row(self.spec, self.root, self.sweep_id, trial.trial_id, dict(trial.config), status, reason,
-                              trial.last_result):
+        try:
+            written = record_missing_row(self.spec, self.root, self.sweep_id, trial.trial_id, dict(trial.config),
+                                         status, reason, trial.last_result)
+        except OSError as e:  # results unwritable: the sweep goes on, the trial stays rowless and runs on resume
+            log.error("trial %s: could not write its %s row (%s); it will run again on --resume", trial.trial_id,
+                      status, e)
+            return
+        if written:
             log.warning("trial %s recorded as %s: %s", trial.trial_id, status, reason)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -244,6 +223,11 @@ class FinalOnlyOptunaSearch(OptunaSearch):
         if all(m in result for m in metrics):
             super().on_trial_result(trial_id, result)
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # A trial that recorded a failed row ends normally (so Ray does not retry it) but is a failure to Optuna.
+        failed = error or (result or {}).get("fcsae_status") == "failed"
+        super().on_trial_complete(trial_id, result, error=failed)
+
 
 def _searcher(spec: SweepSpec):
     import optuna
@@ -274,20 +258,55 @@ def _scheduler(spec: SweepSpec):
                          grace_period=min(s.grace_period, max_t), reduction_factor=s.reduction_factor)
 
 
-def _trainable(spec: SweepSpec, shared: dict, root: Path, sweep_id: str):
+def _trainable(spec: SweepSpec, shared: dict, root: Path, sweep_id: str, fail_fast: bool):
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, spec=spec, shared=shared, root=str(root), sweep_id=sweep_id)
+    fn = tune.with_parameters(run_trial, spec=spec, shared=shared, root=str(root), sweep_id=sweep_id,
+                              raise_failed=fail_fast)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
+def ray_trial_states(ray_dir: Path) -> dict[str, str]:
+    """trial_id -> Ray status (TERMINATED, ERROR, RUNNING ...) in the newest saved Tune experiment state."""
+    files = sorted(Path(ray_dir).glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    state = json.loads(files[-1].read_text())
+    out = {}
+    for trial_json, _meta in state.get("trial_data", []):
+        trial = json.loads(trial_json)
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+def _resume_config(paths: ExperimentPaths):
+    """Resume unfinished and errored trials; also finished ones when some lack a row (deleted or never written).
+
+    Ray never re-runs a trial it saved as TERMINATED; a trial without a row must run again (``run_trial`` makes
+    the re-scheduled trials that do have a row a no-op).
+    """
+    from ray.tune import ResumeConfig
+
+    rows = set(reader.finished_trials(paths.results))
+    rowless = [t for t, status in ray_trial_states(paths.ray).items() if status == "TERMINATED" and t not in rows]
+    if rowless:
+        log.info("re-running %d finished trial(s) whose row is missing: %s", len(rowless), ", ".join(sorted(rowless)))
+    resume = ResumeConfig.ResumeType.RESUME
+    return ResumeConfig(finished=resume if rowless else ResumeConfig.ResumeType.SKIP, unfinished=resume,
+                        errored=resume)
+
+
 def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resuming: bool, fail_fast: bool,
-                callbacks: list):
-    """A new ``Tuner``, or ``Tuner.restore`` of the experiment's Ray state when resuming."""
+                max_failures: int, callbacks: list):
+    """A new ``Tuner``, or ``Tuner.restore`` of the experiment's Ray state when resuming.
+
+    ``max_failures``: times Ray retries a trial whose worker or node died, from its last checkpoint (a trial
+    that fails by itself records a ``failed`` row and is not retried).
+    """
     from ray import tune
 
     paths = ExperimentPaths(root)
-    trainable = _trainable(spec, shared, root, sweep_id)
+    trainable = _trainable(spec, shared, root, sweep_id, fail_fast)
     # Read by Tune in this (driver) process: interim reports carry no objective yet, only the final one does.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Each trial checkpoint forces a state snapshot (num_to_keep=1), which is what makes resume exact; don't warn.
@@ -296,7 +315,7 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resuming and tune.Tuner.can_restore(str(paths.ray)):
         log.info("restoring Ray Tune state from %s", paths.ray)
-        tuner = tune.Tuner.restore(str(paths.ray), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(paths.ray), trainable=trainable, _resume_config=_resume_config(paths))
         # restore() unpickles the old RunConfig, callbacks included: give it this driver's live ones.
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
@@ -306,7 +325,7 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
                                reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id)
     run_cfg = tune.RunConfig(
         name=paths.ray.name, storage_path=str(paths.ray.parent), callbacks=callbacks, verbose=0,
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=fail_fast),
+        failure_config=tune.FailureConfig(max_failures=0 if fail_fast else max_failures, fail_fast=fail_fast),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 
@@ -329,34 +348,58 @@ def count_rows(root: Path, num_samples: int) -> dict[str, int]:
 
 
 def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | None = None, num_cpus: int | None = None,
-              fail_fast: bool = False, live: bool | None = None) -> SweepOutcome:
-    """Run (or resume) the sweep ``spec`` in experiment dir ``root``; returns the counts from the result rows."""
+              fail_fast: bool = False, live: bool | None = None, max_failures: int = 2) -> SweepOutcome:
+    """Run (or resume) the sweep ``spec`` in experiment dir ``root``; returns the counts from the result rows.
+
+    The experiment's lock is taken before any other work and held until the end.
+    """
+    root = Path(root).resolve()
+    check_dir(root, mode)  # read-only, before the lock file is created
+    created = not root.exists()
+    experiment.prepare_root(root)
+    with experiment.ExperimentLock(root) as lock:
+        sweep_id, resuming = setup_experiment(spec, root, mode)
+        try:
+            shared = prepare_shared(spec, root)
+        except FcsaeInputError:
+            if not resuming:  # a new experiment that could not even prepare: leave nothing behind
+                experiment.wipe(root)
+                if created:
+                    shutil.rmtree(root, ignore_errors=True)
+            raise
+        _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, live, max_failures, lock)
+    counts = count_rows(root, spec.num_samples)
+    n_rows = counts["ok"] + counts["failed"] + counts["pruned"]
+    return SweepOutcome(root, sweep_id, counts, n_rows >= spec.num_samples)
+
+
+def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, live, max_failures, lock) -> None:
+    """Start or join Ray, run the Tuner, then remove what abandoned trials left; Ray is stopped whatever happens."""
     import ray
 
     from orchestrator.progress import SweepProgress
 
-    root = Path(root).resolve()
-    sweep_id, resuming = setup_experiment(spec, root, mode)
-    before = count_rows(root, spec.num_samples)
+    paths = ExperimentPaths(root)
+    before = reader.finished_trials(paths.results)
     if resuming:
-        log.info("resuming %s: %d of %d trials already have rows", root, sum(before[s] for s in ("ok", "failed", "pruned")),
-                 spec.num_samples)
-    shared = prepare_shared(spec, root)
+        log.info("resuming %s: %d of %d trials already have rows", root, len(before), spec.num_samples)
     started = start_ray(address, num_cpus, root)
-    progress = SweepProgress(spec, reader.finished_trials(ExperimentPaths(root).results), live=live)
+    watchdog = ray_procs.Watchdog(root, lock.fileno()) if started else None
+    progress = SweepProgress(spec, before, live=live)
     try:
         check_cluster_resources(spec)
-        tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast,
+        tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast, max_failures,
                             callbacks=[_tune_callback(_RowKeeper(spec, root, sweep_id)), progress])
         tuner.fit()
+        rows = set(reader.finished_trials(paths.results))
+        experiment.remove_abandoned(root, known=set(ray_trial_states(paths.ray)), with_rows=rows)
     finally:
         progress.stop()
+        if watchdog is not None:
+            watchdog.done()
         if started:
             ray.shutdown()
-            (root / "ray_pids.json").unlink(missing_ok=True)
-    counts = count_rows(root, spec.num_samples)
-    n_rows = counts["ok"] + counts["failed"] + counts["pruned"]
-    return SweepOutcome(root, sweep_id, counts, n_rows >= spec.num_samples)
+            (root / ray_procs.PIDS_FILE).unlink(missing_ok=True)
 
 
 def resume_command(space_path: str, root: Path) -> str:

@@ -97,7 +97,7 @@ class TrialOutcome(NamedTuple):
 
 
 class TrialFailed(RuntimeError):
-    """Raised after a failed trial's row is written, so Tune and Optuna mark the trial failed."""
+    """With ``--fail-fast``: raised after a failed trial's row is written, so Tune stops the sweep."""
 
 
 def load_runner(name: str):
@@ -182,8 +182,13 @@ def _reporter(tune, trial_dir: Path) -> Callable[[dict[str, float], bool], None]
     return report
 
 
-def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], root: str, sweep_id: str) -> None:
-    """The Tune function trainable: run one trial and write its row, then report the objectives."""
+def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], root: str, sweep_id: str,
+              raise_failed: bool = False) -> None:
+    """The Tune function trainable: run one trial and write its row, then report the objectives.
+
+    A trial that fails records a ``failed`` row and ends normally with ``fcsae_status='failed'`` (Ray retries
+    only trials whose worker died); ``raise_failed`` (``--fail-fast``) raises instead, so Tune stops the sweep.
+    """
     from ray import tune
 
     paths = ExperimentPaths(Path(root))
@@ -193,9 +198,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     if existing is not None:
         # Finished before an interruption: never train it twice; tell Tune the recorded outcome.
         log.info("trial %s already has a %s row; not re-running", trial_id, existing["status"])
-        if existing["status"] == "failed":
-            raise TrialFailed(f"recorded failure: {existing['failure_reason']}")
-        tune.report(final_report(existing, spec))
+        _end(tune, final_report(existing, spec), raise_failed, existing.get("failure_reason"))
         return
     trial_dir = paths.trials / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +206,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     started = _now()
     row = base_row(spec, sweep_id, trial_id, params, trial_dir, started)
     ctx = TrialContext(spec, shared, trial_id, params, trial_dir, _reporter(tune, trial_dir))
+    per_letter = None
     try:
         outcome = load_runner(spec.runner).run(ctx)
         row.update(outcome_row(spec, outcome))
@@ -210,12 +214,15 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     except Exception as e:  # failure isolation: record and let the sweep go on
         log.exception("trial %s failed", trial_id)
         row.update(status="failed", failure_reason=failure_reason(e))
-        row["finished_at"] = _now()
-        store.write_trial(paths.results, row)
-        raise TrialFailed(row["failure_reason"]) from e
     row["finished_at"] = _now()
     store.write_trial(paths.results, row, per_letter=per_letter)
-    tune.report(final_report(row, spec))
+    _end(tune, final_report(row, spec), raise_failed, row.get("failure_reason"))
+
+
+def _end(tune, report: dict[str, Any], raise_failed: bool, reason: str | None) -> None:
+    if report["fcsae_status"] == "failed" and raise_failed:
+        raise TrialFailed(reason or "trial failed")
+    tune.report(report)
 
 
 def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str, params: dict, status: str, reason: str,

@@ -77,7 +77,15 @@ def write_trial(results_dir: str | Path, row: Mapping[str, Any], per_letter: pl.
         letters = per_letter.select(known).to_dicts()
         for r in letters:
             r.update(schema_version=SCHEMA_VERSION, sweep_id=row.get("sweep_id"), trial_id=trial_id)
-        _write(_table(letters, PER_LETTER_SCHEMA), results_dir / PER_LETTER_DIR / f"{trial_id}.parquet")
+        letters_path = results_dir / PER_LETTER_DIR / f"{trial_id}.parquet"
+        _write(_table(letters, PER_LETTER_SCHEMA), letters_path)
+    else:
+        letters_path = None
     path = results_dir / f"{trial_id}.parquet"
-    _write(_table([row], TRIAL_SCHEMA), path)
+    try:
+        _write(_table([row], TRIAL_SCHEMA), path)
+    except BaseException:
+        if letters_path is not None:  # a trial's files land together or not at all
+            letters_path.unlink(missing_ok=True)
+        raise
     return path

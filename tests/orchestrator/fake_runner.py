@@ -9,8 +9,11 @@ already running Ray cluster do not see later environment changes):
 - ``step_s``: seconds per step (default 0.01);
 - ``fail``: a ``split.criterion`` value whose trials raise;
 - ``die``: a ``split.criterion`` value whose trials kill their worker process;
+- ``hold_s``: seconds to wait after logging a completion, before the trial's row is written (the window in
+  which a killed driver leaves a trial that finished its work but has no row);
 - every completed run appends its trial id to ``<experiment>/fake_completions.log``
-  and every start to ``fake_starts.log`` (so tests can check nothing ran twice).
+  and every start to ``fake_starts.log`` (so tests can check nothing ran twice); ``fake_nodes.log`` gets
+  ``trial_id node_id step`` per start (which Ray node ran it, from which checkpointed step).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ def prepare(spec) -> dict:
     return {"d_in": 8, "norm_scale": 1.0, "prepared_at": time.time()}
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _append(path, line: str) -> None:
     with open(path, "a") as f:
         f.write(line + "\n")
@@ -42,6 +51,7 @@ def run(ctx) -> TrialOutcome:
     _append(exp / "fake_starts.log", ctx.trial_id)
     ckpt = ctx.trial_dir / "fake_ckpt.json"
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
+    _append(exp / "fake_nodes.log", f"{ctx.trial_id} {_node_id()} {step}")
     total = cfgs["trainer"].total_steps
     knobs = exp.parent / "fake.json"
     behaviour = json.loads(knobs.read_text()) if knobs.exists() else {}
@@ -71,6 +81,7 @@ def run(ctx) -> TrialOutcome:
     per_letter = pl.DataFrame({"letter": ["a", "b"], "mean_absorption_fraction": [absorption, absorption],
                                "probe_f1": [0.9, 0.8]})
     _append(exp / "fake_completions.log", ctx.trial_id)
+    time.sleep(float(behaviour.get("hold_s", 0.0)))
     return TrialOutcome(metrics=metrics, per_letter=per_letter, configs=cfgs, tokens_trained=total * cfgs["trainer"].batch_size,
                         train_seconds=time.perf_counter() - t0, eval_seconds=0.0, n_split_events=1 if crit == "fc" else 0,
                         n_resample_events=1 if crit == "dead" else 0, final_loss=1.0 / max(step, 1))
