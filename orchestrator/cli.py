@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fcsae.errors import FcsaeInputError
+from fcsae.storage import location
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
@@ -22,9 +23,11 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "Parquet row per trial in <experiment>/results/. See docs/sweeps.md.",
     )
     p.add_argument("--space", required=True, help="search-space YAML (see docs/sweeps.md)")
-    p.add_argument("--experiment-dir", default=None, help="experiment directory (default: <storage>/<space name>)")
+    p.add_argument("--experiment-dir", default=None,
+                   help="experiment directory or storage URI (default: <storage>/<space name>)")
     p.add_argument("--storage", default=None,
-                   help="root for experiments (default ./experiments); on a cluster, storage every node sees")
+                   help="root for experiments: a directory (default ./experiments) or any pyarrow filesystem URI "
+                   "(s3://bucket/prefix); on a cluster, storage every node sees")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a private local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     g = p.add_mutually_exclusive_group()
@@ -89,7 +92,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
             raise FcsaeInputError("--num-cpus: only for a local cluster, not with --address")
         joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
         spec = space.load_space(args.space, check_machine=not joining)
-        root = Path(args.experiment_dir).expanduser().resolve() if args.experiment_dir else driver.default_experiment_dir(spec, args.storage)
+        root = location(args.experiment_dir) if args.experiment_dir else driver.default_experiment_dir(spec, args.storage)
         mode = _choose_mode(args, root)
         outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
                                    fail_fast=args.fail_fast, live=False if args.no_live else None,

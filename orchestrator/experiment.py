@@ -19,13 +19,15 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
+from fcsae import storage
 from fcsae.errors import FcsaeInputError
 
 log = logging.getLogger(__name__)
+
+Location = Path | storage.RemotePath
 
 FORMAT = "fcsae-experiment/1"
 """Marker value of ``sweep.json``'s ``format`` key."""
@@ -35,7 +37,7 @@ FCSAE_ENTRIES = ("sweep.json", "prepared.json", "results", "trials", "ray", "ray
 _LEGACY_KEYS = {"sweep_id", "name", "space", "created", "fcsae_version"}
 
 
-def read_marker(root: Path) -> dict:
+def read_marker(root: Location) -> dict:
     """sweep.json of the experiment at ``root``; FcsaeInputError if it is not an fcsae experiment's."""
     path = root / "sweep.json"
     try:
@@ -53,7 +55,7 @@ def read_marker(root: Path) -> dict:
     return meta
 
 
-def is_experiment(root: Path) -> bool:
+def is_experiment(root: Location) -> bool:
     """True if ``root`` holds a valid fcsae experiment marker."""
     try:
         read_marker(root)
@@ -62,7 +64,7 @@ def is_experiment(root: Path) -> bool:
         return False
 
 
-def list_experiments(parent: Path) -> list[str]:
+def list_experiments(parent: Location) -> list[str]:
     """Names of the fcsae experiments directly under ``parent`` (sorted)."""
     try:
         return sorted(p.name for p in parent.iterdir() if p.is_dir() and is_experiment(p))
@@ -70,26 +72,28 @@ def list_experiments(parent: Path) -> list[str]:
         return []
 
 
-def foreign_entries(root: Path) -> list[str]:
+def foreign_entries(root: Location) -> list[str]:
     """Top-level entries of ``root`` that fcsae did not write."""
     return sorted(p.name for p in root.iterdir() if p.name not in FCSAE_ENTRIES and p.name != LOCK_NAME)
 
 
-def wipe(root: Path) -> None:
+def wipe(root: Location) -> None:
     """Delete what fcsae wrote in the experiment at ``root`` (its marker must be valid); leave the rest."""
     read_marker(root)
     for name in FCSAE_ENTRIES[1:] + FCSAE_ENTRIES[:1]:  # the marker last: a crash mid-wipe stays restartable
         path = root / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            storage.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    if isinstance(root, storage.RemotePath):
+        storage.rmtree(storage.local_cache(root, "scratch"))
     kept = foreign_entries(root)
     if kept:
         log.warning("%s: --restart kept entries fcsae did not write: %s", root, ", ".join(kept))
 
 
-def check_writable(root: Path) -> None:
+def check_writable(root: Location) -> None:
     """Refuse (one line) an experiment dir, or its results/trials dirs, that cannot be written."""
     for d in (root, root / "results", root / "trials"):
         if not d.exists():
@@ -105,17 +109,32 @@ def check_writable(root: Path) -> None:
                                   "--experiment-dir / --storage") from None
 
 
-def prepare_root(root: Path) -> None:
-    """Create ``root`` (and parents) or refuse with one line: a file in the way, a read-only parent."""
+def prepare_root(root: Location) -> None:
+    """Create ``root`` (and parents) or refuse with one line: a file in the way, a read-only parent or bucket."""
     if root.exists() and not root.is_dir():
         raise FcsaeInputError(f"{root}: exists and is not a directory; --experiment-dir must be a directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
+        if isinstance(root, storage.RemotePath):  # credentials and bucket are only tested by a write
+            probe = root / f".fcsae-write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
     except (FileExistsError, NotADirectoryError):
         raise FcsaeInputError(f"{root}: a parent of the experiment directory is a file") from None
     except OSError as e:
         raise FcsaeInputError(f"{root}: cannot create the experiment directory ({e.strerror}); "
                               "choose a writable --experiment-dir / --storage") from None
+
+
+def control_dir(root: Location) -> Path:
+    """This machine's directory for the lock and the Ray pid record: the experiment itself when it is local.
+
+    An object store has no locks: for remote storage the lock lives under ``$FCSAE_HOME/experiments/`` and
+    guards against a second driver on the same machine only.
+    """
+    local = storage.local_cache(root, "experiments")
+    local.mkdir(parents=True, exist_ok=True)
+    return local
 
 
 def _alive(pid_text: str) -> bool:
@@ -131,8 +150,9 @@ def _alive(pid_text: str) -> bool:
 class ExperimentLock:
     """An exclusive OS lock on one experiment, held until ``release`` (or the process's death)."""
 
-    def __init__(self, root: Path):
-        self.path = root / LOCK_NAME
+    def __init__(self, root: Location):
+        self.path = control_dir(root) / LOCK_NAME
+        self.experiment = root
         self._fd: int | None = None
 
     def acquire(self, wait_s: float = 60.0) -> "ExperimentLock":
@@ -144,7 +164,7 @@ class ExperimentLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise FcsaeInputError(f"{self.path.parent}: cannot create its lock file ({e.strerror}); "
+            raise FcsaeInputError(f"{self.experiment}: cannot create its lock file ({e.strerror}); "
                                   "choose a writable --experiment-dir / --storage") from None
         deadline = time.monotonic() + wait_s
         while True:
@@ -155,7 +175,7 @@ class ExperimentLock:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 if _alive(holder) or time.monotonic() > deadline:
                     os.close(fd)
-                    raise FcsaeInputError(f"{self.path.parent}: another fcsae-sweep (pid {holder}) is running this "
+                    raise FcsaeInputError(f"{self.experiment}: another fcsae-sweep (pid {holder}) is running this "
                                           "experiment; wait for it or stop it first") from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
@@ -181,19 +201,29 @@ class ExperimentLock:
         self.release()
 
 
-def abandoned_trials(root: Path, known: set[str], with_rows: set[str]) -> list[str]:
-    """Trial dirs under ``trials/`` that Ray does not know (``known``) and that have no row: left by a killed driver."""
-    trials = root / "trials"
-    if not trials.is_dir():
-        return []
-    return sorted(p.name for p in trials.iterdir() if p.is_dir() and p.name not in known and p.name not in with_rows)
+def trial_dirs(root: Location) -> list[Location]:
+    """Where trials keep their working dirs: ``trials/`` (and, for remote storage, this node's scratch dir)."""
+    dirs = [root / "trials"]
+    if isinstance(root, storage.RemotePath):
+        dirs.append(storage.local_cache(root, "scratch"))
+    return dirs
 
 
-def remove_abandoned(root: Path, known: set[str], with_rows: set[str]) -> list[str]:
+def abandoned_trials(root: Location, known: set[str], with_rows: set[str]) -> list[Location]:
+    """Trial dirs that Ray does not know (``known``) and that have no row: left by a killed driver."""
+    out = []
+    for d in trial_dirs(root):
+        if d.is_dir():
+            out += [p for p in d.iterdir() if p.is_dir() and p.name not in known and p.name not in with_rows]
+    return sorted(out, key=str)
+
+
+def remove_abandoned(root: Location, known: set[str], with_rows: set[str]) -> list[str]:
     """Delete the trial dirs and stray per-letter files of trials no one will finish; returns their ids."""
-    gone = abandoned_trials(root, known, with_rows)
-    for tid in gone:
-        shutil.rmtree(root / "trials" / tid, ignore_errors=True)
+    gone = []
+    for d in abandoned_trials(root, known, with_rows):
+        storage.rmtree(d)
+        gone.append(d.name)
     per_letter = root / "results" / "per_letter"
     if per_letter.is_dir():
         for f in per_letter.glob("*.parquet"):

@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import math
+import shutil
 import socket
 import tempfile
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import polars as pl
 
 import fcsae
+from fcsae import storage
 from orchestrator.space import SweepSpec, section_configs
 from results_schema import reader, store
 from results_schema.schema import TRIAL_SCHEMA
@@ -40,9 +42,18 @@ log = logging.getLogger(__name__)
 
 
 class ExperimentPaths(NamedTuple):
-    """Absolute locations of one experiment's parts."""
+    """Absolute locations of one experiment's parts (a local ``Path`` or an ``fcsae.storage.RemotePath``)."""
 
-    root: Path
+    root: "Path | storage.RemotePath"
+
+    @property
+    def remote(self) -> bool:
+        """True when the experiment lives on an object store (trials then work in a node-local scratch dir)."""
+        return isinstance(self.root, storage.RemotePath)
+
+    def work_dir(self, trial_id: str) -> Path:
+        """Where a trial runs: ``trials/<id>``, or this node's scratch dir when the experiment is remote."""
+        return (storage.local_cache(self.root, "scratch") if self.remote else self.root / "trials") / trial_id
 
     @property
     def results(self) -> Path:
@@ -169,17 +180,50 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()[:500]
 
 
-def _reporter(tune, trial_dir: Path) -> Callable[[dict[str, float], bool], None]:
-    """Interim reports to Tune; a checkpoint is a small marker, the real state lives in ``trial_dir``."""
+_MARKER = "fcsae_checkpoint.json"
+
+
+def _reporter(tune, trial_dir: Path, pack: bool) -> Callable[[dict[str, float], bool], None]:
+    """Interim reports to Tune with checkpoints.
+
+    Local storage: a checkpoint is a small marker, the real state lives in ``trial_dir`` (every node sees it).
+    Remote storage (``pack``): the checkpoint carries a copy of ``trial_dir``, so Ray stores it next to its own
+    state and a retry on another node starts from it (``_unpack``).
+    """
     def report(metrics: dict[str, float], checkpoint: bool = False) -> None:
         out = {f"train.{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if not checkpoint:
             tune.report(out)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "fcsae_checkpoint.json").write_text(json.dumps({"trial_dir": str(trial_dir), **out}))
+            if pack:
+                shutil.copytree(trial_dir, tmp, dirs_exist_ok=True)
+            (Path(tmp) / _MARKER).write_text(json.dumps({"trial_dir": str(trial_dir), **out}))
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
     return report
+
+
+def _unpack(tune, trial_dir: Path) -> None:
+    """Remote storage: a trial starting on a node without its working dir gets it from its last Tune checkpoint."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None or (trial_dir.is_dir() and any(trial_dir.iterdir())):
+        return
+    ckpt.to_directory(str(trial_dir))
+    (trial_dir / _MARKER).unlink(missing_ok=True)
+    log.info("trial %s: working dir restored from its last checkpoint", trial_dir.name)
+
+
+def _publish(trial_dir: Path, dest, row: dict[str, Any]) -> None:
+    """Remote storage: upload the trial's outputs (not its checkpoint) and point the row's paths at them."""
+    outputs = [p for p in trial_dir.iterdir() if p.name != "checkpoint"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in outputs:
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, Path(tmp) / p.name)
+        storage.upload_dir(Path(tmp), dest)
+    row["trial_dir"] = str(dest)
+    for key in ("sae_path", "events_path"):
+        if row.get(key) and Path(row[key]).is_relative_to(trial_dir):
+            row[key] = str(dest / str(Path(row[key]).relative_to(trial_dir)))
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], root: str, sweep_id: str,
@@ -191,7 +235,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     """
     from ray import tune
 
-    paths = ExperimentPaths(Path(root))
+    paths = ExperimentPaths(storage.location(root))
     trial_id = tune.get_context().get_trial_id()
     params = dict(config)
     existing = reader.read_trial(paths.results, trial_id)
@@ -200,12 +244,14 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
         log.info("trial %s already has a %s row; not re-running", trial_id, existing["status"])
         _end(tune, final_report(existing, spec), raise_failed, existing.get("failure_reason"))
         return
-    trial_dir = paths.trials / trial_id
+    trial_dir = paths.work_dir(trial_id)
+    if paths.remote:
+        _unpack(tune, trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True, default=str))
     started = _now()
     row = base_row(spec, sweep_id, trial_id, params, trial_dir, started)
-    ctx = TrialContext(spec, shared, trial_id, params, trial_dir, _reporter(tune, trial_dir))
+    ctx = TrialContext(spec, shared, trial_id, params, trial_dir, _reporter(tune, trial_dir, pack=paths.remote))
     per_letter = None
     try:
         outcome = load_runner(spec.runner).run(ctx)
@@ -214,8 +260,12 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     except Exception as e:  # failure isolation: record and let the sweep go on
         log.exception("trial %s failed", trial_id)
         row.update(status="failed", failure_reason=failure_reason(e))
+    if paths.remote:
+        _publish(trial_dir, paths.trials / trial_id, row)
     row["finished_at"] = _now()
     store.write_trial(paths.results, row, per_letter=per_letter)
+    if paths.remote:
+        shutil.rmtree(trial_dir, ignore_errors=True)  # its outputs are uploaded; its checkpoint is Ray's
     _end(tune, final_report(row, spec), raise_failed, row.get("failure_reason"))
 
 
@@ -231,7 +281,7 @@ def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str,
 
     Returns True if a row was written (False when the trial already has one).
     """
-    paths = ExperimentPaths(Path(root))
+    paths = ExperimentPaths(storage.location(root))
     if reader.read_trial(paths.results, trial_id) is not None:
         return False
     row = base_row(spec, sweep_id, trial_id, params, paths.trials / trial_id, _now())

@@ -16,6 +16,7 @@ missing columns are null). The directory layout is ``results_schema.store``'s.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fcsae import storage
 from fcsae.errors import FcsaeInputError
 from results_schema.schema import METADATA_KEY, PER_LETTER_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, major
 from results_schema.store import PER_LETTER_DIR, check_trial_id
@@ -45,8 +47,35 @@ class ResultTables(NamedTuple):
     """Distinct schema versions of the readable trial rows, sorted."""
 
 
-def resolve_results_dir(path: str | Path) -> Path:
-    """``path`` itself, or ``path/results`` when ``path`` is an experiment directory (holds ``results/``)."""
+def local_dir(results_dir: "str | Path | storage.RemotePath") -> Path:
+    """A local results directory: ``results_dir`` itself, or a node-local mirror of a remote one, synced now.
+
+    The mirror (``$FCSAE_HOME/mirror/...``) also gets the experiment's ``sweep.json``, so everything downstream
+    reads local files (``fcsae query``, ``fcsae-report`` and the driver alike).
+    """
+    if not storage.is_uri(results_dir) and not isinstance(results_dir, storage.RemotePath):
+        return Path(results_dir)
+    remote = storage.location(results_dir)
+    local = storage.local_cache(remote.parent, "mirror")
+    storage.mirror(remote, local / remote.name)
+    marker = remote.parent / "sweep.json"
+    if marker.is_file():
+        (local / "sweep.json").write_bytes(marker.read_bytes())
+    return local / remote.name
+
+
+def resolve_results_dir(path: "str | Path | storage.RemotePath") -> Path:
+    """``path`` itself, or ``path/results`` when ``path`` is an experiment directory (holds ``results/``).
+
+    A pyarrow filesystem URI (``s3://bucket/prefix/exp``) is read through a local mirror (``local_dir``).
+    """
+    if storage.is_uri(path) or isinstance(path, storage.RemotePath):
+        remote = storage.location(path)
+        if not remote.is_dir():
+            raise FcsaeInputError(f"{remote}: results directory does not exist; pass <experiment>/results or <experiment>")
+        if (remote / "results").is_dir() and not any(remote.glob("*.parquet")):
+            remote = remote / "results"
+        return local_dir(remote)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FcsaeInputError(f"{path}: results directory does not exist; pass <experiment>/results or <experiment>")
@@ -57,12 +86,12 @@ def resolve_results_dir(path: str | Path) -> Path:
 
 def trial_files(results_dir: str | Path) -> list[Path]:
     """The trial-row files of a results directory, sorted (no error if none)."""
-    return sorted(Path(results_dir).glob("*.parquet"))
+    return sorted(local_dir(results_dir).glob("*.parquet"))
 
 
 def per_letter_files(results_dir: str | Path) -> list[Path]:
     """The per-letter files of a results directory, sorted (no error if none)."""
-    sub = Path(results_dir) / PER_LETTER_DIR
+    sub = local_dir(results_dir) / PER_LETTER_DIR
     return sorted(sub.glob("*.parquet")) if sub.is_dir() else []
 
 
@@ -104,7 +133,7 @@ def scan_results(results_dir: str | Path) -> pl.LazyFrame:
     Raises ``FcsaeInputError`` for a missing or empty directory, a corrupt file
     or a file of an unknown major schema version (each message names the path).
     """
-    results_dir = Path(results_dir)
+    results_dir = local_dir(results_dir)
     if not results_dir.is_dir():
         raise FcsaeInputError(f"{results_dir}: results directory does not exist")
     files = trial_files(results_dir)
@@ -117,13 +146,14 @@ def scan_per_letter(results_dir: str | Path) -> pl.LazyFrame:
     """A LazyFrame over the per-letter absorption rows of a results directory (join on ``trial_id``)."""
     files = per_letter_files(results_dir)
     if not files:
-        raise FcsaeInputError(f"{Path(results_dir) / PER_LETTER_DIR}: no per-letter result files; "
+        raise FcsaeInputError(f"{local_dir(results_dir) / PER_LETTER_DIR}: no per-letter result files; "
                               "did any trial run the absorption eval?")
     return _scan(files, PER_LETTER_SCHEMA)
 
 
 def finished_trials(results_dir: str | Path) -> dict[str, str]:
     """trial_id -> status for every trial with a row (empty dict if none)."""
+    results_dir = local_dir(results_dir)
     if not trial_files(results_dir):
         return {}
     df = scan_results(results_dir).select("trial_id", "status").collect()
@@ -136,6 +166,8 @@ def finished_trials(results_dir: str | Path) -> dict[str, str]:
 def read_trial(results_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
     """The stored row of one trial as a dict, or None if the trial has no (readable) row yet."""
     check_trial_id(trial_id)
+    if storage.is_uri(results_dir) or isinstance(results_dir, storage.RemotePath):
+        return _read_remote_trial(storage.location(results_dir) / f"{trial_id}.parquet")
     path = Path(results_dir) / f"{trial_id}.parquet"
     if not path.exists():
         return None
@@ -146,6 +178,16 @@ def read_trial(results_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
         log.warning("ignoring unreadable row: %s", e)
         return None
     return rows[0] if rows else None
+
+
+def _read_remote_trial(remote: "storage.RemotePath") -> dict[str, Any] | None:
+    """One remote row without mirroring the whole directory (a trial asks this at every start)."""
+    if not remote.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / remote.name
+        local.write_bytes(remote.read_bytes())
+        return read_trial(tmp, remote.stem)
 
 
 def _read_each(files: list[Path], schema: pa.Schema, problems: list[str]) -> pl.DataFrame:

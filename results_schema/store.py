@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fcsae import storage
 from fcsae.io import atomic_path
 from results_schema.schema import PER_LETTER_SCHEMA, SCHEMA_VERSION, STATUSES, TRIAL_SCHEMA
 
@@ -50,19 +52,26 @@ def _table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(full, schema=schema)
 
 
-def _write(table: pa.Table, path: Path) -> None:
+def _write(table: pa.Table, path: "Path | storage.RemotePath") -> None:
+    if isinstance(path, storage.RemotePath):  # one PUT: atomic on an object store
+        with tempfile.TemporaryDirectory() as tmp:
+            pq.write_table(table, Path(tmp) / path.name)
+            storage.upload_file(Path(tmp) / path.name, path)
+        return
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
-def write_trial(results_dir: str | Path, row: Mapping[str, Any], per_letter: pl.DataFrame | None = None) -> Path:
+def write_trial(results_dir: "str | Path | storage.RemotePath", row: Mapping[str, Any],
+                per_letter: pl.DataFrame | None = None) -> "Path | storage.RemotePath":
     """Write one trial's row (and its per-letter rows) atomically; returns the row's path.
 
     ``row`` maps column names to values; missing columns are null;
     ``schema_version`` is filled in. ``per_letter`` has the child table's
     letter columns (``letter``, ``probe_f1`` ...); ids are added here.
+    ``results_dir`` may be a pyarrow filesystem URI (``s3://...``, see ``fcsae.storage``).
     """
-    results_dir = Path(results_dir)
+    results_dir = storage.location(results_dir)
     row = dict(row)
     row["schema_version"] = SCHEMA_VERSION
     trial_id = row.get("trial_id") or ""
