@@ -1,14 +1,18 @@
 """Run or resume a sweep: Ray Tune ``Tuner`` + seeded ``OptunaSearch`` behind a ``ConcurrencyLimiter``.
 
-Order of work: validate (``orchestrator.space``) -> set up or check the
-experiment directory -> the runner's ``prepare`` once in this process
-(activation cache, eval caches) -> start or join Ray -> ``Tuner.fit`` (or
-``Tuner.restore(...).fit``) -> count the finished trials from the Parquet rows
--> ``ray.shutdown``.
+Order of work: validate (``orchestrator.space``) -> refuse an unusable
+experiment dir or cluster address (nothing written yet) -> take the
+experiment's lock -> set up or check the experiment directory -> the runner's
+``prepare`` once in this process (activation cache, eval caches) -> start or
+join Ray (+ the watchdog that stops a local Ray if this driver is killed) ->
+``Tuner.fit`` (or ``Tuner.restore(...).fit``) -> remove what abandoned trials
+left -> count the finished trials from the Parquet rows -> ``ray.shutdown``.
 
-Experiment layout (all absolute)::
+Experiment layout (all absolute; ``root`` may be a pyarrow filesystem URI, see
+``fcsae.storage`` and ``orchestrator.experiment``)::
 
-    <exp>/sweep.json       sweep id, the space as given, creation time
+    <exp>/sweep.json       marker: format, sweep id, the space as given, creation time
+    <exp>/.fcsae.lock      the driver's flock (its pid inside)
     <exp>/prepared.json    what the runner's prepare returned (cache path, d_in, norm scale)
     <exp>/results/         one Parquet row per trial (+ per_letter/)
     <exp>/trials/<id>/     SAE, event log, checkpoint of each trial
@@ -23,7 +27,7 @@ import functools
 import json
 import logging
 import os
-import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -32,8 +36,8 @@ from typing import NamedTuple
 from ray.tune.search.optuna import OptunaSearch
 
 import fcsae
+from fcsae import storage
 from fcsae.errors import FcsaeInputError
-from fcsae.io import write_json
 from orchestrator import experiment, ray_procs
 from orchestrator.ray_procs import stop_recorded as stop_recorded_ray
 from orchestrator.space import SweepSpec, suggest
@@ -56,10 +60,9 @@ class SweepOutcome(NamedTuple):
     """Every requested trial has a row."""
 
 
-def default_experiment_dir(spec: SweepSpec, storage: str | None = None) -> Path:
-    """``<storage>/<name>`` (storage default ``./experiments``), absolute."""
-    base = Path(storage) if storage else Path("experiments")
-    return (base / spec.name).expanduser().resolve()
+def default_experiment_dir(spec: SweepSpec, where: str | None = None):
+    """``<storage>/<name>`` (storage default ``./experiments``): an absolute Path, or a RemotePath for a URI."""
+    return storage.location(where or "experiments") / spec.name
 
 
 def _comparable_space(raw: dict) -> str:
@@ -103,7 +106,7 @@ def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]
     meta = check_dir(root, mode)
     experiment.check_writable(root)
     if meta is not None:
-        stop_recorded_ray(root)
+        stop_recorded_ray(experiment.control_dir(root))
         if mode == "restart":
             experiment.wipe(root)
         else:
@@ -113,7 +116,7 @@ def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]
             return meta["sweep_id"], True
     experiment.prepare_root(root)
     sweep_id = f"{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    write_json(ExperimentPaths(root).sweep_file, {"format": experiment.FORMAT, "sweep_id": sweep_id, "name": spec.name,
+    storage.write_json(ExperimentPaths(root).sweep_file, {"format": experiment.FORMAT, "sweep_id": sweep_id, "name": spec.name,
                                                   "space": spec.raw, "fcsae_version": fcsae.__version__,
                                                   "created": dt.datetime.now(dt.timezone.utc).isoformat()})
     return sweep_id, False
@@ -139,8 +142,26 @@ def start_ray(address: str | None, num_cpus: int | None, root: Path) -> bool:
     # advertised in /tmp/ray/ray_current_cluster, even a dead one: never someone else's cluster by accident.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              runtime_env={"env_vars": env}, log_to_driver=False)
-    ray_procs.record(root)
+    ray_procs.record(experiment.control_dir(root))
     return True
+
+
+def check_address(address: str | None) -> None:
+    """Refuse, within seconds and before anything is written, a cluster address nothing listens on.
+
+    ``ray.init`` would otherwise retry for minutes. ``auto`` and ``ray://`` client addresses are left to Ray.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FcsaeInputError(f"--address: expected HOST:PORT (or auto, or ray://HOST:PORT), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise FcsaeInputError(f"--address: no Ray cluster answers at {address} ({e.strerror or e}); "
+                              "start one with `ray start --head` or check the address") from None
 
 
 def check_cluster_resources(spec: SweepSpec) -> None:
@@ -179,6 +200,18 @@ class _RowKeeper:
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial, "pruned", "stopped early by the ASHA scheduler")
+        self._drop_checkpoints(trial)
+
+    def _drop_checkpoints(self, trial) -> None:
+        """On object storage a checkpoint is a copy of the trial's working dir: drop them once the row is in.
+
+        (A resume that still names one then fails to restore that trial, which has its row: nothing is lost.)
+        Local checkpoints are small markers and stay.
+        """
+        root = storage.location(self.root)
+        if isinstance(root, storage.RemotePath):
+            for ckpt in (ExperimentPaths(root).ray / trial.trial_id).glob("checkpoint_*"):
+                storage.rmtree(ckpt)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "failed", _error_line(trial))
@@ -268,7 +301,7 @@ def _trainable(spec: SweepSpec, shared: dict, root: Path, sweep_id: str, fail_fa
 
 def ray_trial_states(ray_dir: Path) -> dict[str, str]:
     """trial_id -> Ray status (TERMINATED, ERROR, RUNNING ...) in the newest saved Tune experiment state."""
-    files = sorted(Path(ray_dir).glob("experiment_state-*.json"))
+    files = sorted(storage.location(ray_dir).glob("experiment_state-*.json"), key=str)
     if not files:
         return {}
     state = json.loads(files[-1].read_text())
@@ -296,6 +329,13 @@ def _resume_config(paths: ExperimentPaths):
                         errored=resume)
 
 
+def _ray_storage(ray_dir) -> tuple[str, object]:
+    """Ray Tune's (path, pyarrow filesystem) for the experiment's ``ray/`` dir (filesystem None when local)."""
+    if isinstance(ray_dir, storage.RemotePath):
+        return ray_dir.path, ray_dir.fs
+    return str(ray_dir), None
+
+
 def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resuming: bool, fail_fast: bool,
                 max_failures: int, callbacks: list):
     """A new ``Tuner``, or ``Tuner.restore`` of the experiment's Ray state when resuming.
@@ -309,13 +349,18 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     trainable = _trainable(spec, shared, root, sweep_id, fail_fast)
     # Read by Tune in this (driver) process: interim reports carry no objective yet, only the final one does.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Each trial checkpoint forces a state snapshot (num_to_keep=1), which is what makes resume exact; don't warn.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Checkpoints are never deleted by Ray (num_to_keep=None): Ray deletes an old checkpoint when it registers a
+    # new one, before it saves the experiment state that names the new one, so a SIGKILL in between left a state
+    # naming a deleted checkpoint and the trial failed on resume ("does not exist on storage anymore"). Instead
+    # the state is saved at least every second, so it names a recent checkpoint and knows every started trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # Our own live view replaces Tune's; the legacy output path honours verbose=0 completely.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if resuming and tune.Tuner.can_restore(str(paths.ray)):
+    ray_path, ray_fs = _ray_storage(paths.ray)
+    if resuming and tune.Tuner.can_restore(ray_path, storage_filesystem=ray_fs):
         log.info("restoring Ray Tune state from %s", paths.ray)
-        tuner = tune.Tuner.restore(str(paths.ray), trainable=trainable, _resume_config=_resume_config(paths))
+        tuner = tune.Tuner.restore(ray_path, trainable=trainable, _resume_config=_resume_config(paths),
+                                   storage_filesystem=ray_fs)
         # restore() unpickles the old RunConfig, callbacks included: give it this driver's live ones.
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
@@ -324,16 +369,17 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     tune_cfg = tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec), num_samples=spec.num_samples,
                                reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id)
     run_cfg = tune.RunConfig(
-        name=paths.ray.name, storage_path=str(paths.ray.parent), callbacks=callbacks, verbose=0,
+        name=paths.ray.name, storage_path=str(Path(ray_path).parent), storage_filesystem=ray_fs, callbacks=callbacks,
+        verbose=0,
         failure_config=tune.FailureConfig(max_failures=0 if fail_fast else max_failures, fail_fast=fail_fast),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)
 
 
 def prepare_shared(spec: SweepSpec, root: Path) -> dict:
     """The runner's ``prepare`` (cache harvest, eval caches), once, in the driver; saved to prepared.json."""
     shared = load_runner(spec.runner).prepare(spec)
-    write_json(root / "prepared.json", shared)
+    storage.write_json(root / "prepared.json", shared)
     return shared
 
 
@@ -353,7 +399,8 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
 
     The experiment's lock is taken before any other work and held until the end.
     """
-    root = Path(root).resolve()
+    root = storage.location(root)
+    check_address(address)
     check_dir(root, mode)  # read-only, before the lock file is created
     created = not root.exists()
     experiment.prepare_root(root)
@@ -365,7 +412,8 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
             if not resuming:  # a new experiment that could not even prepare: leave nothing behind
                 experiment.wipe(root)
                 if created:
-                    shutil.rmtree(root, ignore_errors=True)
+                    storage.rmtree(root)
+                    storage.rmtree(experiment.control_dir(root))
             raise
         _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, live, max_failures, lock)
     counts = count_rows(root, spec.num_samples)
@@ -384,7 +432,8 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
     if resuming:
         log.info("resuming %s: %d of %d trials already have rows", root, len(before), spec.num_samples)
     started = start_ray(address, num_cpus, root)
-    watchdog = ray_procs.Watchdog(root, lock.fileno()) if started else None
+    control = experiment.control_dir(root)
+    watchdog = ray_procs.Watchdog(control, lock.fileno()) if started else None
     progress = SweepProgress(spec, before, live=live)
     try:
         check_cluster_resources(spec)
@@ -399,7 +448,7 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
             watchdog.done()
         if started:
             ray.shutdown()
-            (root / ray_procs.PIDS_FILE).unlink(missing_ok=True)
+            (control / ray_procs.PIDS_FILE).unlink(missing_ok=True)
 
 
 def resume_command(space_path: str, root: Path) -> str:

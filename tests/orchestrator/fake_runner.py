@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import polars as pl
 
@@ -29,7 +30,11 @@ from orchestrator.trainable import TrialOutcome
 
 
 def prepare(spec) -> dict:
-    """Nothing to harvest: a fixed d_in."""
+    """Nothing to harvest: a fixed d_in. ``$FCSAE_FAKE_PREPARE_ERROR`` makes it refuse, as a bad model name would."""
+    if os.environ.get("FCSAE_FAKE_PREPARE_ERROR"):
+        from fcsae.errors import FcsaeInputError
+
+        raise FcsaeInputError(os.environ["FCSAE_FAKE_PREPARE_ERROR"])
     return {"d_in": 8, "norm_scale": 1.0, "prepared_at": time.time()}
 
 
@@ -47,7 +52,8 @@ def _append(path, line: str) -> None:
 def run(ctx) -> TrialOutcome:
     """Walk the steps with interim reports and resumable checkpoints; fail on the configured criterion."""
     cfgs = section_configs(ctx.spec.fixed, ctx.params, d_in=ctx.shared["d_in"])
-    exp = ctx.trial_dir.parent.parent
+    # Remote storage runs trials in a scratch dir: the test then names the log dir in $FCSAE_FAKE_DIR.
+    exp = Path(os.environ.get("FCSAE_FAKE_DIR") or ctx.trial_dir.parent.parent)
     _append(exp / "fake_starts.log", ctx.trial_id)
     ckpt = ctx.trial_dir / "fake_ckpt.json"
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0

@@ -202,3 +202,29 @@ def test_sweep_json_marks_the_experiment(tmp_path):  # item 1
         driver.setup_experiment(_spec(), tmp_path / "exp", "new")
     meta = json.loads((tmp_path / "exp" / "sweep.json").read_text())
     assert meta["format"] == experiment.FORMAT and experiment.is_experiment(tmp_path / "exp")
+
+
+def test_a_space_that_prepare_refuses_leaves_nothing_behind(tmp_path, space_file, capsys, monkeypatch):  # item 5
+    monkeypatch.setenv("FCSAE_FAKE_PREPARE_ERROR", "lm.model: 'nope' is not a known model")
+    exp = tmp_path / "exp"
+    assert sweep_main(["--space", str(space_file), "--experiment-dir", str(exp)]) == 2
+    assert "not a known model" in _one_line_error(capsys)
+    assert not exp.exists()  # so the corrected space needs no --restart
+    monkeypatch.delenv("FCSAE_FAKE_PREPARE_ERROR")
+    with experiment.ExperimentLock(_made(exp)):
+        assert not driver.setup_experiment(_spec(), exp, "new")[1]
+
+
+def test_an_address_nothing_listens_on_fails_in_seconds_writing_nothing(tmp_path, space_file, capsys):  # item 5
+    import socket
+    import time
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    t0 = time.time()
+    exp = tmp_path / "exp"
+    assert sweep_main(["--space", str(space_file), "--experiment-dir", str(exp), "--address", f"127.0.0.1:{port}"]) == 2
+    assert "no Ray cluster answers" in _one_line_error(capsys)
+    assert time.time() - t0 < 10 and not exp.exists()
