@@ -1,0 +1,164 @@
+"""Chaos test of sweep resume: SIGKILL the driver at random moments, resume, repeat; check the rows every time.
+
+    PYTHONPATH=. .venv/bin/python scripts/chaos_resume.py --kills 10
+
+Runs a sweep of the fast stand-in runner (``tests/orchestrator/fake_runner.py``,
+so no model is needed) in a fresh temporary directory. Each round starts
+``fcsae-sweep`` (``--resume`` after the first), waits a random time (set-up,
+mid-sweep, last trial: anything up to ``--max-wait`` seconds), SIGKILLs the
+driver alone and checks, right after the kill:
+
+- every row file holds one row whose ``trial_id`` is its file name (no duplicates);
+- no row written before an earlier kill has gone or changed;
+- no trial that had a row at an earlier kill has completed again;
+- the killed driver's processes (Ray, trial workers) are gone within 30 s.
+
+When the kills are done, one last resume runs to the end; it must exit 0 with
+one ``ok`` row per trial, and every trial must have completed exactly once,
+plus once more for each kill that caught it after its work but before its row
+(such a trial was not finished, so running it again is correct). The last
+line is ``chaos_resume: ... -> PASS`` or ``-> FAIL`` (exit code 0 or 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from results_schema import reader  # noqa: E402
+
+SPACE = {
+    "name": "chaos",
+    "runner": "tests.orchestrator.fake_runner",
+    "fixed": {"sae": {"activation": "topk", "k": 4, "dict_size": 32}, "trainer": {"total_tokens": 5120, "batch_size": 256}},
+    "search": {"split.criterion": {"type": "categorical", "values": ["none", "fc"], "grid": True},
+               "tracker.ema_alpha": {"type": "float", "low": 0.9, "high": 0.999}},
+    "objectives": [{"metric": "absorption.mean_absorption_fraction", "mode": "min"}],
+    "max_concurrent": 2,
+    "resources": {"cpu": 1},
+}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _rows(results: Path) -> dict[str, dict]:
+    """trial_id -> (status, finished_at) of every row; raises on a duplicate or misnamed row."""
+    out = {}
+    for f in reader.trial_files(results):
+        reader.check_file(f)
+        rows = pq.read_table(f).to_pylist()
+        if len(rows) != 1 or rows[0]["trial_id"] != f.stem:
+            raise AssertionError(f"{f}: {len(rows)} rows, trial ids {[r['trial_id'] for r in rows]}")
+        out[f.stem] = {"status": rows[0]["status"], "finished_at": str(rows[0]["finished_at"])}
+    return out
+
+
+def _driver(args: list[str], env: dict) -> subprocess.Popen:
+    code = "import sys; from orchestrator.cli import sweep_main; sys.exit(sweep_main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _gone(procs: list[psutil.Process], timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=10, help="SIGKILLs before the final resume (default 10)")
+    p.add_argument("--trials", type=int, default=6, help="trials in the sweep (even; default 6)")
+    p.add_argument("--step-s", type=float, default=0.2, help="seconds per fake training step (20 steps a trial)")
+    p.add_argument("--max-wait", type=float, default=30.0, help="longest wait before a kill, seconds (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--workdir", default=None, help="where to put the experiment (default: a new temp dir)")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fcsae-chaos-")).resolve()
+    exp = logs = work / "exp"  # the fake runner logs next to the trials
+    (work / "fake.json").write_text(json.dumps({"step_s": args.step_s}))
+    space_file = work / "chaos.yaml"
+    space_file.write_text(yaml.safe_dump({**SPACE, "num_samples": args.trials}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           "RAY_AUTH_MODE": "disabled"}
+    base = ["--space", str(space_file), "--experiment-dir", str(exp), "--no-live", "--num-cpus", "2"]
+    problems: list[str] = []
+    kept: dict[str, dict] = {}  # rows seen at a kill: must never change or vanish
+    reruns_allowed: Counter = Counter()  # completions logged without a row at a kill
+    started = time.time()
+    for i in range(args.kills):
+        proc = _driver(base + (["--resume"] if i else []), env)
+        wait = rng.uniform(0.5, args.max_wait)
+        t0 = time.time()
+        while time.time() - t0 < wait and proc.poll() is None:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            print(f"kill {i + 1}: driver had already exited ({proc.returncode}) after {time.time() - t0:.1f} s")
+            if proc.returncode != 0:
+                problems.append(f"round {i + 1}: driver exited {proc.returncode}: {out[-500:]}")
+            continue
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rows = _rows(exp / "results")
+        done = Counter(_lines(logs / "fake_completions.log"))
+        for tid, row in kept.items():
+            if rows.get(tid) != row:
+                problems.append(f"kill {i + 1}: row of {tid} changed or vanished: {row} -> {rows.get(tid)}")
+            if done[tid] > 1 + reruns_allowed[tid]:
+                problems.append(f"kill {i + 1}: finished trial {tid} ran again")
+        for tid, n in done.items():
+            if tid not in rows and tid not in kept:
+                reruns_allowed[tid] = n  # finished its work, no row: not finished, may complete once more
+        kept.update(rows)
+        if not _gone(tree, 30):
+            problems.append(f"kill {i + 1}: processes of the killed driver still run after 30 s")
+        print(f"kill {i + 1}: after {wait:.1f} s; {len(rows)} rows, {sum(done.values())} completions logged")
+    final = _driver(base + (["--resume"] if args.kills else []), env)
+    out, _ = final.communicate(timeout=900)
+    rows = _rows(exp / "results")
+    done = Counter(_lines(logs / "fake_completions.log"))
+    if final.returncode != 0:
+        problems.append(f"final resume exited {final.returncode}: {out[-800:]}")
+    if len(rows) != args.trials or {r["status"] for r in rows.values()} != {"ok"}:
+        problems.append(f"final: {len(rows)} rows (want {args.trials}), statuses {Counter(r['status'] for r in rows.values())}")
+    for tid in rows:
+        if done[tid] != 1 + reruns_allowed[tid]:
+            problems.append(f"final: trial {tid} completed {done[tid]} times (allowed {1 + reruns_allowed[tid]})")
+    for tid, row in kept.items():
+        if rows.get(tid) != row:
+            problems.append(f"final: row of {tid} changed or vanished")
+    for line in problems:
+        print(f"PROBLEM: {line}")
+    verdict = "PASS" if not problems else "FAIL"
+    print(f"chaos_resume: kills={args.kills} rows={len(rows)}/{args.trials} unique_ids={len(set(rows))} "
+          f"reruns_of_unfinished={sum(reruns_allowed.values())} problems={len(problems)} "
+          f"wall={time.time() - started:.0f}s dir={work} -> {verdict}")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
