@@ -123,6 +123,8 @@ def main() -> int:
         tree = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        if not _gone(tree, 30):  # check once the killed sweep is quiet: a worker may land a row after its driver
+            problems.append(f"kill {i + 1}: processes of the killed driver still run after 30 s")
         rows = _rows(exp / "results")
         done = Counter(_lines(logs / "fake_completions.log"))
         for tid, row in kept.items():
@@ -134,8 +136,6 @@ def main() -> int:
             if tid not in rows and tid not in kept:
                 reruns_allowed[tid] = n  # finished its work, no row: not finished, may complete once more
         kept.update(rows)
-        if not _gone(tree, 30):
-            problems.append(f"kill {i + 1}: processes of the killed driver still run after 30 s")
         print(f"kill {i + 1}: after {wait:.1f} s; {len(rows)} rows, {sum(done.values())} completions logged")
     final = _driver(base + (["--resume"] if args.kills else []), env)
     out, _ = final.communicate(timeout=900)
