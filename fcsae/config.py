@@ -414,6 +414,8 @@ def type_problem(cls: type, name: str, value: Any) -> str | None:
     """
     ftype = {f.name: f.type for f in dataclasses.fields(cls)}.get(name)
     check = _TYPE_CHECKS.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+    if check is not None and ftype == "int" and check[0](value) and not -2**63 <= value < 2**63:
+        return f"{name}: must fit in a 64-bit integer (results store it as int64), got {value!r}"
     if check is None or check[0](value):
         return None
     hint = ""

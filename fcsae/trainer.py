@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 TRACKED_CRITERIA = ("fc", "frequency", "inconsistency")
+LOGGED_METRICS = ("loss", "mse", "l1", "auxk", "fvu", "l0", "dead_frac", "lr", "step", "tokens")
+"""Interim metrics ``Trainer._metrics`` logs every ``log_every`` steps (loss parts depend on the activation);
+sweeps may early-stop on them as ``train.<name>``."""
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import uuid
@@ -187,10 +188,10 @@ class _RowKeeper:
     def __init__(self, spec: SweepSpec, root: Path, sweep_id: str):
         self.spec, self.root, self.sweep_id = spec, str(root), sweep_id
 
-    def _record(self, trial, status: str, reason: str) -> None:
+    def _record(self, trial, status: str, reason: str, detail: str | None = None) -> None:
         try:
             written = record_missing_row(self.spec, self.root, self.sweep_id, trial.trial_id, dict(trial.config),
-                                         status, reason, trial.last_result)
+                                         status, reason, trial.last_result, detail=detail)
         except OSError as e:  # results unwritable: the sweep goes on, the trial stays rowless and runs on resume
             log.error("trial %s: could not write its %s row (%s); it will run again on --resume", trial.trial_id,
                       status, e)
@@ -214,11 +215,11 @@ class _RowKeeper:
                 storage.rmtree(ckpt)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._record(trial, "failed", _error_line(trial))
+        self._record(trial, "failed", *_error_text(trial))
 
 
-def _error_line(trial) -> str:
-    """The last line of Tune's record of a trial's error, or a generic reason."""
+def _error_text(trial) -> tuple[str, str | None]:
+    """(one-line reason, full text) of Tune's record of a trial's error."""
     texts = []
     try:
         err = trial.get_error()
@@ -227,11 +228,25 @@ def _error_line(trial) -> str:
             texts.append(Path(trial.error_file).read_text())
     except Exception:  # the reason is best effort; the row must be written regardless
         log.debug("no error details for %s", trial.trial_id, exc_info=True)
+    full = "\n".join(t for t in texts if t.strip()) or None
     for text in texts:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
         if lines:
-            return lines[-1]
-    return "trial errored (worker died or was killed)"
+            return one_line(lines[-1]), full
+    return "trial errored (worker died or was killed)", full
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """The leading sentences of ``text`` that fit in ``limit`` characters (at least the first, cut)."""
+    out = ""
+    for sentence in re.split(r"(?<=\.)\s+", " ".join(text.split())):
+        if out and len(out) + 1 + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _tune_callback(obj):

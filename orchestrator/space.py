@@ -69,8 +69,9 @@ class SpaceError(FcsaeInputError):
 
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        head = f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the search space"
-        super().__init__(head + "".join(f"\n  - {p}" for p in problems))
+        n = len(problems)
+        head = f"{source}: {problems[0]}" if n == 1 else f"{source}: {problems[0]} (1 of {n} problems in the search space)"
+        super().__init__(head + ("".join(f"\n  - {p}" for p in problems) if n > 1 else ""))
 
 
 class ParamSpec(NamedTuple):
@@ -244,6 +245,11 @@ def _check_param_values(fixed, p: ParamSpec, problems) -> None:
     """Every categorical value and both range ends must be accepted by the config class."""
     values = p.values if p.kind == "categorical" else (p.low, p.high)
     section, field = p.name.split(".", 1)
+    try:
+        section_configs(fixed)
+        fixed_error = None
+    except FcsaeInputError as e:  # already reported under fixed.: do not repeat it for every value
+        fixed_error = str(e)
     for v in values:
         msg = field_type_problem(section, field, float(v) if p.kind == "float" else v)
         if msg:
@@ -252,7 +258,8 @@ def _check_param_values(fixed, p: ParamSpec, problems) -> None:
         try:
             section_configs(fixed, {p.name: float(v) if p.kind == "float" else v})
         except FcsaeInputError as e:
-            problems.append(f"search.{p.name}: value {v!r} refused: {e}")
+            if str(e) != fixed_error:
+                problems.append(f"search.{p.name}: value {v!r} refused: {e}")
 
 
 def _parse_objectives(raw, evals, problems) -> tuple[Objective, ...]:
@@ -315,6 +322,19 @@ def _parse_resources(raw, max_concurrent, check_machine, problems) -> Resources:
     return Resources(float(cpu), float(gpu))
 
 
+def _check_devices(fixed, resources: Resources, check_machine: bool, problems) -> None:
+    """A CUDA device needs a GPU on this machine and a GPU share per trial, or every trial fails after training."""
+    for section in ("lm", "trainer"):
+        device = str((fixed.get(section) or {}).get("device", "cpu"))
+        if not device.startswith("cuda"):
+            continue
+        if check_machine and _machine_gpus() == 0:
+            problems.append(f"fixed.{section}.device: {device!r} but this machine has no CUDA GPU; use cpu")
+        elif resources.gpu <= 0:
+            problems.append(f"fixed.{section}.device: {device!r} needs resources.gpu > 0 (a trial without a GPU "
+                            "share sees none)")
+
+
 def _parse_scheduler(raw, problems) -> SchedulerSpec | None:
     if raw is None:
         return None
@@ -327,8 +347,11 @@ def _parse_scheduler(raw, problems) -> SchedulerSpec | None:
     n = len(problems)
     if kind not in SCHEDULER_TYPES:
         problems.append(f"scheduler.type: must be one of {', '.join(SCHEDULER_TYPES)}, got {kind!r}")
-    if not isinstance(metric, str) or not re.fullmatch(r"train\.[A-Za-z0-9_]+", metric):
-        problems.append(f"scheduler.metric: must name an interim training metric 'train.<name>', got {metric!r}")
+    from fcsae.trainer import LOGGED_METRICS
+
+    if not isinstance(metric, str) or metric.removeprefix("train.") not in LOGGED_METRICS or not metric.startswith("train."):
+        problems.append(f"scheduler.metric: must be an interim training metric the trainer logs "
+                        f"({', '.join('train.' + m for m in LOGGED_METRICS)}), got {metric!r}")
     if mode not in MODES:
         problems.append(f"scheduler.mode: must be min or max, got {mode!r}")
     if not _is_int(grace) or grace < 1:
@@ -424,6 +447,7 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
                         f"({' x '.join(n for n, _ in grid)}); every cell must get the same budget")
     max_concurrent = _positive_int(raw, "max_concurrent", 1, problems)
     resources = _parse_resources(raw.get("resources"), max_concurrent, check_machine, problems)
+    _check_devices(fixed, resources, check_machine, problems)
     scheduler = _parse_scheduler(raw.get("scheduler"), problems)
     if scheduler is not None and len(objectives) > 1:
         problems.append("scheduler: ASHA cannot be combined with several objectives")
@@ -433,13 +457,28 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
                      num_samples, max_concurrent, resources, scheduler, dict(raw))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); each key may appear once",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_space(path: str | Path, check_machine: bool = True) -> SweepSpec:
-    """Read and validate a search-space YAML file (``yaml.safe_load`` only)."""
+    """Read and validate a search-space YAML file (safe loading; a duplicate key is an error)."""
     path = Path(path)
     if not path.is_file():
         raise FcsaeInputError(f"{path}: search space file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise FcsaeInputError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     return parse_space(raw, str(path), check_machine=check_machine)

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -174,10 +175,19 @@ def final_report(row: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     return out
 
 
+DETAIL_CHARS = 20_000
+"""Longest ``failure_detail`` kept (the end of a traceback is the informative part)."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """One line naming the exception type and its first message line."""
     msg = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()[:500]
+
+
+def failure_detail(exc: BaseException) -> str:
+    """The exception's full traceback (its last ``DETAIL_CHARS`` characters)."""
+    return "".join(traceback.format_exception(exc))[-DETAIL_CHARS:]
 
 
 _MARKER = "fcsae_checkpoint.json"
@@ -259,7 +269,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
         per_letter = outcome.per_letter
     except Exception as e:  # failure isolation: record and let the sweep go on
         log.exception("trial %s failed", trial_id)
-        row.update(status="failed", failure_reason=failure_reason(e))
+        row.update(status="failed", failure_reason=failure_reason(e), failure_detail=failure_detail(e))
     if paths.remote:
         _publish(trial_dir, paths.trials / trial_id, row)
     row["finished_at"] = _now()
@@ -276,7 +286,7 @@ def _end(tune, report: dict[str, Any], raise_failed: bool, reason: str | None) -
 
 
 def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str, params: dict, status: str, reason: str,
-                       last_result: dict | None = None) -> bool:
+                       last_result: dict | None = None, detail: str | None = None) -> bool:
     """Driver side: write a ``failed``/``pruned`` row for a trial that ended without writing one (killed, stopped).
 
     Returns True if a row was written (False when the trial already has one).
@@ -285,7 +295,7 @@ def record_missing_row(spec: SweepSpec, root: str, sweep_id: str, trial_id: str,
     if reader.read_trial(paths.results, trial_id) is not None:
         return False
     row = base_row(spec, sweep_id, trial_id, params, paths.trials / trial_id, _now())
-    row.update(status=status, failure_reason=reason[:500])
+    row.update(status=status, failure_reason=reason[:500], failure_detail=detail[:DETAIL_CHARS] if detail else None)
     if last_result:
         loss = last_result.get("train.loss")
         row["final_loss"] = float(loss) if isinstance(loss, (int, float)) else None

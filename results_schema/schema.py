@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -180,6 +180,8 @@ _BOOKKEEPING = [
     Column("failure_reason", pa.string(), "One line saying why a trial failed or was pruned; null when ok."),
     Column("searched_params", pa.list_(pa.string()), "Dotted names of the parameters the sweep searched or gridded."),
     Column("objective", pa.float64(), "Value of the first objective (null unless ok)."),
+    Column("failure_detail", pa.string(), "The full error text of a failed trial (traceback, or Ray's record of a "
+           "dead worker), up to 20,000 characters; ``failure_reason`` is its one-line summary. Null when ok."),
 ]
 
 _TRAINING = [

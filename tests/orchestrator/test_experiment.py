@@ -228,3 +228,11 @@ def test_an_address_nothing_listens_on_fails_in_seconds_writing_nothing(tmp_path
     assert sweep_main(["--space", str(space_file), "--experiment-dir", str(exp), "--address", f"127.0.0.1:{port}"]) == 2
     assert "no Ray cluster answers" in _one_line_error(capsys)
     assert time.time() - t0 < 10 and not exp.exists()
+
+
+def test_one_line_keeps_leading_sentences_within_the_limit():  # item 9
+    ray_text = ("The actor died unexpectedly before finishing this task. class_name: ImplicitFunc actor_id: "
+                + "ab" * 40 + " pid: 123 The actor is dead because its worker process has died. " * 4)
+    line = driver.one_line(ray_text)
+    assert line == "The actor died unexpectedly before finishing this task."
+    assert len(driver.one_line("x" * 500)) == 160

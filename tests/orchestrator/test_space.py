@@ -202,3 +202,49 @@ def test_fractional_k_refused_for_topk_and_accepted_for_batchtopk():
     bad["fixed"]["sae"]["activation"] = "topk"
     with pytest.raises(space.SpaceError, match="topk keeps a whole number"):
         space.parse_space(bad)
+
+
+# ------------------------------------------------------------------ issue 14 items 5 and 9
+
+
+def test_cuda_without_a_gpu_refused_before_any_trial(monkeypatch):  # item 5
+    monkeypatch.setattr(space, "_machine_gpus", lambda: 0)
+    probs = _problems(lambda r: r["fixed"].update(lm={"device": "cuda"}))
+    assert any(p.startswith("fixed.lm.device: 'cuda' but this machine has no CUDA GPU") for p in probs), probs
+    monkeypatch.setattr(space, "_machine_gpus", lambda: 1)
+    probs = _problems(lambda r: r["fixed"].update(trainer={"total_tokens": 4096, "batch_size": 256, "device": "cuda:0"}))
+    assert any("fixed.trainer.device: 'cuda:0' needs resources.gpu > 0" in p for p in probs), probs
+
+
+def test_scheduler_metric_must_be_one_the_trainer_logs():  # item 5
+    bad = {"type": "asha", "metric": "train.nope", "mode": "min"}
+    probs = _problems(lambda r: r.update(scheduler=bad))
+    assert any(p.startswith("scheduler.metric:") and "train.fvu" in p and "'train.nope'" in p for p in probs), probs
+    raw = copy.deepcopy(GOOD)
+    raw["scheduler"] = {**bad, "metric": "train.fvu"}
+    assert space.parse_space(raw).scheduler.metric == "train.fvu"
+
+
+def test_duplicate_yaml_keys_refused(tmp_path):  # item 5
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: a\nnum_samples: 2\nnum_samples: 4\n")
+    with pytest.raises(FcsaeInputError, match=r"duplicate key 'num_samples' \(line 3\)"):
+        space.load_space(f)
+
+
+def test_an_int_no_row_can_hold_refused():  # item 5
+    probs = _problems(lambda r: r["fixed"]["trainer"].update(total_tokens=10**30))
+    assert any("trainer.total_tokens: must fit in a 64-bit integer" in p for p in probs), probs
+
+
+def test_first_problem_on_the_first_line_and_a_bad_fixed_value_once():  # item 9
+    raw = copy.deepcopy(GOOD)
+    raw["fixed"]["tracker"] = {"ema_alpha": 1.5}
+    raw["search"] = {"split.criterion": {"type": "categorical", "values": ["none", "fc", "dead"], "grid": True}}
+    raw.pop("seeds")
+    raw["num_samples"] = 3
+    with pytest.raises(space.SpaceError) as e:
+        space.parse_space(raw, "s.yaml")
+    first = str(e.value).splitlines()[0]
+    assert first.startswith("s.yaml: fixed.tracker.ema_alpha") and len(e.value.problems) == 1, str(e.value)
+    assert "ema_alpha" in first and str(e.value).count("ema_alpha") == 1

@@ -93,6 +93,7 @@ def test_failing_trials_recorded_while_others_finish(tmp_path, ray_cluster, caps
     assert df["status"].to_list() == ["failed", "failed", "ok", "ok"]
     failed = df.filter(df["status"] == "failed")
     assert all(r.startswith("FloatingPointError: loss diverged") for r in failed["failure_reason"])
+    assert all("Traceback" in d and "FloatingPointError" in d for d in failed["failure_detail"])
     assert failed["objective"].null_count() == 2
     # a resume neither re-runs nor duplicates anything, failed trials included; the CLI says how many failed (item 8)
     from orchestrator.cli import sweep_main
@@ -343,6 +344,9 @@ def test_dead_worker_gets_a_failed_row_from_the_driver(tmp_path, ray_cluster):
     failed = df.filter(df["status"] == "failed")
     assert set(failed["split.criterion"]) == {"fc"} and failed["failure_reason"].null_count() == 0
     assert all("died" in r or "killed" in r for r in failed["failure_reason"])
+    # one short line as the reason, Ray's whole record in the detail column (issue 14 item 9)
+    assert all(len(r) <= 160 and "\n" not in r for r in failed["failure_reason"]), failed["failure_reason"].to_list()
+    assert all(len(d) > len(r) for d, r in zip(failed["failure_detail"], failed["failure_reason"]))
 
 
 @pytest.mark.slow
