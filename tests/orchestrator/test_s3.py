@@ -23,7 +23,7 @@ BUCKET = "fcsae-test"
 
 
 @pytest.fixture
-def s3(tmp_path):
+def s3(tmp_path, monkeypatch):
     """A moto S3 server on 127.0.0.1 (random port), stopped after the test; yields (endpoint, env for clients)."""
     pytest.importorskip("moto")
     sock = socket.socket()
@@ -44,7 +44,8 @@ def s3(tmp_path):
                 if time.time() > end or server.poll() is not None:
                     pytest.fail("moto server did not start")
                 time.sleep(0.2)
-        os.environ.update(env)  # this process reads the bucket too (pyarrow takes credentials from the env)
+        for key, value in env.items():  # this process reads the bucket too (pyarrow takes credentials from the env)
+            monkeypatch.setenv(key, value)
         import pyarrow.fs as pafs
 
         pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
@@ -62,7 +63,7 @@ def _run(cmd, env, timeout=300):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sweep_rows_artefacts_state_and_resume_on_s3(tmp_path, s3):
+def test_sweep_rows_artefacts_state_and_resume_on_s3(tmp_path, s3, capsys, monkeypatch):
     import pyarrow.fs as pafs
 
     t0 = time.time()
@@ -72,11 +73,12 @@ def test_sweep_rows_artefacts_state_and_resume_on_s3(tmp_path, s3):
     fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http")
     logs = tmp_path / "exp"
     logs.mkdir()
-    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.3}))
+    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.2}))
     space_file = tmp_path / "fake.yaml"
     space_file.write_text(yaml.safe_dump(SPACE))
     env = {**os.environ, **aws, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
            "FCSAE_HOME": str(tmp_path / "home"), "FCSAE_FAKE_DIR": str(logs)}
+    monkeypatch.setenv("FCSAE_HOME", str(tmp_path / "home"))  # this process's mirror of the bucket
     args = [str(SWEEP_BIN), "--space", str(space_file), "--storage", storage, "--no-live", "--num-cpus", "2"]
 
     def rows():
@@ -112,13 +114,16 @@ def test_sweep_rows_artefacts_state_and_resume_on_s3(tmp_path, s3):
     assert any(Path(i.path).name.startswith("experiment_state-") for i in state)
     assert fs.get_file_info(f"{BUCKET}/sweeps/fake/sweep.json").type == pafs.FileType.File
 
-    query = _run([str(REPO / ".venv" / "bin" / "fcsae"), "query", "--results", exp_uri, "--format", "json",
-                  "SELECT trial_id, status, trial_dir FROM trials ORDER BY trial_id"], env)
-    assert query.returncode == 0, query.stderr[-2000:]
-    got = [json.loads(line) for line in query.stdout.splitlines() if line.strip()]
+    # the readers, in this process (the bucket's credentials are in os.environ): fcsae query, fcsae-report
+    from fcsae.cli import main as fcsae_main
+    from fcsae.report.cli import main as report_main
+
+    capsys.readouterr()
+    assert fcsae_main(["query", "--results", exp_uri, "--format", "json",
+                       "SELECT trial_id, status, trial_dir FROM trials ORDER BY trial_id"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [r["trial_id"] for r in got] == rows() and {r["status"] for r in got} == {"ok"}
     assert all(r["trial_dir"].startswith(f"s3://{BUCKET}/sweeps/fake/trials/") for r in got)
-    report = _run([str(REPO / ".venv" / "bin" / "fcsae-report"), exp_uri, "--out", str(tmp_path / "report")], env)
-    assert report.returncode == 0, report.stderr[-2000:]
+    assert report_main([exp_uri, "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "report.md").is_file()
     print(f"s3 sweep test: {time.time() - t0:.1f} s")
