@@ -1,6 +1,6 @@
 """Chaos test of sweep resume: SIGKILL the driver at random moments, resume, repeat; check the rows every time.
 
-    PYTHONPATH=. .venv/bin/python scripts/chaos_resume.py --kills 10
+    .venv/bin/python scripts/chaos_resume.py --kills 10
 
 Runs a sweep of the fast stand-in runner (``tests/orchestrator/fake_runner.py``,
 so no model is needed) in a fresh temporary directory. Each round starts
