@@ -25,7 +25,6 @@ BUCKET = "fcsae-test"
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
     """A moto S3 server on 127.0.0.1 (random port), stopped after the test; yields (endpoint, env for clients)."""
-    pytest.importorskip("moto")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
