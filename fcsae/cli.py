@@ -201,7 +201,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", default=None, help="JSON output file (default PATH/eval.json)")
     p.add_argument("--corpus", default=None, help="text source of the held-out tokens (default: offline)")
     p.add_argument("--core-tokens", type=int, default=None, help="held-out tokens for the core metrics (default 16384)")
-    p.add_argument("--absorption-words", type=int, default=None, help="words for the first-letter probe (default 8000)")
+    p.add_argument("--absorption-words", type=int, default=None,
+                   help="word budget of the first-letter eval (default 0 = SAEBench's full vocabulary)")
+    p.add_argument("--absorption-probe", default=None, choices=("saebench", "standardized"),
+                   help="ground-truth letter probe (default saebench: one linear layer on raw activations)")
     p.add_argument("--skip-core", action="store_true", help="skip the core metrics")
     p.add_argument("--skip-absorption", action="store_true", help="skip the absorption eval")
     p.set_defaults(func=_run_eval)
@@ -220,12 +223,13 @@ def _run_eval(args) -> int:
     sae = SparseAutoencoder.load(sae_dir)
     target = resolve_target(sae_dir, cache=args.cache, model=args.model, layer=args.layer, norm_scale=args.norm_scale)
     overrides = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
+                                   ("absorption_probe", args.absorption_probe),
                                    ("context_len", target.context_len), ("corpus", args.corpus)) if v is not None}
     eval_cfg = EvalConfig(**overrides)
     lm_cfg = LMConfig(model=target.model, layer=target.layer, device=args.device)
     out = Path(args.out) if args.out else sae_dir / "eval.json"
     report = eval_report(sae, lm_cfg, eval_cfg, target.norm_scale, core=not args.skip_core,
-                         absorption=not args.skip_absorption)
+                         absorption=not args.skip_absorption, strict=True)
     report["sae"] = str(sae_dir)
     report["eval_config"] = dataclasses.asdict(eval_cfg)
     write_json(out, report)

@@ -336,14 +336,24 @@ class SplitConfig:
                 f"kmeans_iters: must be an integer >= 1, got {self.kmeans_iters!r}")
 
 
+ABSORPTION_PROBES = ("saebench", "standardized")
+"""Ground-truth probe conventions of the absorption eval (see ``EvalConfig.absorption_probe``)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Budgets of the core and absorption evals."""
 
     core_tokens: int = 16_384
     """Held-out tokens for the core metrics (with the SAE spliced into the model)."""
-    absorption_words: int = 8_000
-    """Single-token words for the first-letter probe."""
+    absorption_words: int = 0
+    """Word budget of the first-letter eval: 0 = SAEBench's full vocabulary (every alphabetic single token, with or
+    without a leading space); N > 0 = a seeded random sample of N of them (sweeps lower it for speed)."""
+    absorption_probe: str = "saebench"
+    """Ground-truth letter probe: ``saebench`` (one 26-output linear layer on raw activations, BCE + pos_weight,
+    Adam, as SAEBench 0.6.0) or ``standardized`` (26 sklearn logistic regressions on standardised activations)."""
+    absorption_bootstrap: int = 1000
+    """Bootstrap resamples of the scored words for the interval of the mean absorption fraction (0 = none)."""
     icl_examples: int = 10
     """In-context examples per absorption prompt."""
     probe_f1_min: float = 0.6
@@ -377,7 +387,12 @@ class EvalConfig:
         require(isinstance(self.icl_prefixes, int) and self.icl_prefixes >= 0, f"icl_prefixes: must be an integer >= 0, got {self.icl_prefixes!r}")
         require(0.0 < self.absorption_train_fraction < 1.0, f"absorption_train_fraction: must be in (0, 1), got {self.absorption_train_fraction!r}")
         require(self.f1_jump >= 0, f"f1_jump: must be >= 0, got {self.f1_jump!r}")
-        require(self.absorption_words >= 26, f"absorption_words: must be >= 26, got {self.absorption_words!r}")
+        require(isinstance(self.absorption_words, int) and (self.absorption_words == 0 or self.absorption_words >= 26),
+                f"absorption_words: must be 0 (the full vocabulary) or an integer >= 26, got {self.absorption_words!r}")
+        require(self.absorption_probe in ABSORPTION_PROBES,
+                f"absorption_probe: must be one of {', '.join(ABSORPTION_PROBES)}, got {self.absorption_probe!r}")
+        require(isinstance(self.absorption_bootstrap, int) and self.absorption_bootstrap >= 0,
+                f"absorption_bootstrap: must be an integer >= 0, got {self.absorption_bootstrap!r}")
         require(self.icl_examples >= 0, f"icl_examples: must be >= 0, got {self.icl_examples!r}")
         require(0.0 <= self.probe_f1_min <= 1.0, f"probe_f1_min: must be in [0, 1], got {self.probe_f1_min!r}")
         require(self.max_k >= 1, f"max_k: must be >= 1, got {self.max_k!r}")

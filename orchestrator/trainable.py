@@ -146,6 +146,18 @@ def base_row(spec: SweepSpec, sweep_id: str, trial_id: str, params: dict, trial_
     return row
 
 
+def _cast(value: Any, pa_type) -> Any:
+    """A metric value as its column's Python type (floats for float64, as before; absorption's typed columns)."""
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    for test, cast in ((pa.types.is_boolean, bool), (pa.types.is_integer, int), (pa.types.is_string, str)):
+        if test(pa_type):
+            return cast(value)
+    return float(value)
+
+
 def outcome_row(spec: SweepSpec, outcome: TrialOutcome) -> dict[str, Any]:
     """Columns filled from a successful runner outcome; unknown metrics go to ``extra_metrics_json``."""
     names = set(TRIAL_SCHEMA.names)
@@ -153,7 +165,7 @@ def outcome_row(spec: SweepSpec, outcome: TrialOutcome) -> dict[str, Any]:
     extra = {}
     for key, value in outcome.metrics.items():
         if key in names:
-            row[key] = None if value is None else float(value)
+            row[key] = _cast(value, TRIAL_SCHEMA.field(key).type)
         else:
             extra[key] = value
     obj = spec.objectives[0].metric

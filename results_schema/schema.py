@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -100,6 +100,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("eval.batch_size", I64), ("eval.kl_topk", I64), ("eval.icl_prefixes", I64),
     ("eval.absorption_train_fraction", F64),
     ("sae.matryoshka_groups", STR), ("sae.matryoshka_weights", STR), ("trainer.threshold_decay", F64),
+    ("eval.absorption_probe", STR), ("eval.absorption_bootstrap", I64),
 ]
 """Config columns: dotted config field -> pyarrow type. Every scalar field of every config section has one
 (``tests/results_schema/test_schema_version.py`` checks it); the column's docstring is the field's own."""
@@ -156,6 +157,14 @@ ABSORPTION_COLUMNS: list[Column] = [
     Column("absorption.n_letters", F64, "Letters whose probe F1 passed ``eval.probe_f1_min``."),
     Column("absorption.n_letters_scored", F64, "Kept letters with at least one probe true positive (the means are over these)."),
     Column("absorption.probe_f1_mean", F64, "Mean F1 of the 26 letters' linear probes (the model's, not the SAE's)."),
+    Column("absorption.mean_absorption_fraction_lo", F64, "Lower end of the 95% bootstrap interval of mean_absorption_fraction (scored words resampled within letters; word sampling only)."),
+    Column("absorption.mean_absorption_fraction_hi", F64, "Upper end of that 95% bootstrap interval."),
+    Column("absorption.n_scored_words", F64, "Probe true positives scored over the kept letters (the n behind the mean)."),
+    Column("absorption.letters_with_latent", I64, "Scored letters whose best single latent reaches k=1 sparse-probe F1 > 0.6."),
+    Column("absorption.meaningful", BOOL, "True when >= 20 letters pass the probe and at least half the scored letters have a latent; false: the score says little about this SAE."),
+    Column("absorption.probe", STR, "Ground-truth probe convention the eval used: saebench or standardized."),
+    Column("absorption.n_words", I64, "Words the absorption eval used (train + test)."),
+    Column("absorption.warning", STR, "Why the absorption score is doubtful (e.g. SAEBench would refuse this model/layer); null if none."),
 ]
 """Absorption-eval summary columns ``absorption.<name>`` (null when the absorption eval did not run)."""
 
@@ -223,6 +232,7 @@ PER_LETTER_COLUMNS: list[Column] = [
     Column("mean_absorption_fraction", pa.float64(), "Mean fraction of the probe direction carried by non-main latents."),
     Column("full_absorption_rate", pa.float64(), "Fraction of true positives where no main latent fires."),
     Column("num_full_absorption", pa.int64(), "Number of fully absorbed true positives."),
+    Column("latent_share", pa.float64(), "Mean share of a true positive's probe projection that the SAE's latents carry."),
 ]
 """Columns of the per-letter absorption child table."""
 

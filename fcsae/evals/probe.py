@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fcsae.config import EvalConfig, LMConfig
@@ -47,8 +49,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = " has the first letter:"
 """What follows the word in every prompt (SAEBench's ``"{word} has the first letter:"``)."""
 SEPARATOR = "\n"
-MIN_PER_LETTER = 50
-"""Stratified sampling gives each letter at least this many words when the tokenizer has them."""
 KV_CHECK_TOL = 1e-3
 """Largest relative difference allowed between the KV-cached and whole-prompt activations."""
 
@@ -77,6 +77,8 @@ class ProbeData(NamedTuple):
     """Probe biases: score = acts @ W.T + b, positive = predicts that letter."""
     probe_metrics: list[dict[str, Any]]
     """Per letter: ``letter``, ``f1``, ``precision``, ``recall``, ``n_train``, ``n_test`` on the test words."""
+    words_train: tuple[str, ...] = ()
+    """The training words, in the order of ``acts_train_ND``."""
 
 
 # ------------------------------------------------------------------ vocabulary
@@ -90,59 +92,55 @@ def _token_string(tokenizer, token: str) -> str:
     return text
 
 
+ALPHA = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def is_alpha_word(text: str) -> bool:
+    """SAEBench's filter: ASCII letters only, after at most one leading space."""
+    body = text[1:] if text.startswith(" ") else text
+    return len(body) > 0 and all(c in ALPHA for c in body)
+
+
 def alpha_vocab(tokenizer) -> list[tuple[str, int]]:
-    """(word, token id) of every single token that is a space followed by ASCII letters, sorted by id."""
+    """(word, token id) of every single token that is ASCII letters with or without a leading space, sorted by id.
+
+    SAEBench 0.6.0's vocabulary (47,078 words on SmolLM2); special tokens are left out.
+    """
     special = set(tokenizer.all_special_ids)
     out = []
     for token, tid in tokenizer.get_vocab().items():
         if tid in special:
             continue
         text = _token_string(tokenizer, token)
-        if len(text) > 1 and text[0] == " " and text[1:].isascii() and text[1:].isalpha():
+        if is_alpha_word(text):
             out.append((text, int(tid)))
     return sorted(out, key=lambda wt: wt[1])
 
 
-def _quotas(counts: list[int], n: int) -> list[int]:
-    """Per-letter sample sizes summing to ``n`` (<= sum of counts): a floor of ``MIN_PER_LETTER`` (capped at n/26, or all a letter has), the rest proportional."""
-    floor = min(MIN_PER_LETTER, n // len(counts))
-    base = [min(c, floor) for c in counts]
-    rest = n - sum(base)
-    spare = [c - b for c, b in zip(counts, base)]
-    total = sum(spare)
-    extra = [rest * s // total if total else 0 for s in spare]
-    # hand out what floor() left over, largest spare first
-    for i in sorted(range(len(counts)), key=lambda i: -spare[i]):
-        if sum(extra) >= rest:
-            break
-        if extra[i] < spare[i]:
-            extra[i] += 1
-    return [b + e for b, e in zip(base, extra)]
+def letter_of(word: str) -> int:
+    """Class 0-25 of a word's first letter (case and a leading space ignored)."""
+    return LETTERS.index(word.strip()[0].lower())
 
 
 def sample_vocab(tokenizer, eval_cfg: EvalConfig) -> Vocab:
-    """``absorption_words`` words stratified by first letter, split train/test per letter (seeded)."""
+    """The words of the eval and their random train/test split, after SAEBench.
+
+    ``absorption_words`` 0 takes the whole vocabulary; N > 0 a seeded random
+    sample of N words. The words are shuffled and the first
+    ``int(N * absorption_train_fraction)`` train the probe; the rest are the
+    test words that are scored (SAEBench's 80/20 split of its shuffled vocabulary).
+    """
     pool = alpha_vocab(tokenizer)
-    if len(pool) < eval_cfg.absorption_words:
+    n = eval_cfg.absorption_words or len(pool)
+    if len(pool) < n:
         raise FcsaeInputError(
-            f"absorption_words: the tokenizer has only {len(pool)} single-token words of a leading space + "
-            f"ASCII letters, fewer than absorption_words={eval_cfg.absorption_words}; lower absorption_words "
-            f"or use a model with a larger vocabulary")
+            f"absorption_words: the tokenizer has only {len(pool)} single-token alphabetic words, fewer than "
+            f"absorption_words={eval_cfg.absorption_words}; lower absorption_words (0 = all of them)")
     rng = random.Random(eval_cfg.seed)
-    by_letter: list[list[tuple[str, int]]] = [[] for _ in LETTERS]
-    for word, tid in pool:
-        by_letter[LETTERS.index(word[1].lower())].append((word, tid))
-    quotas = _quotas([len(b) for b in by_letter], eval_cfg.absorption_words)
-    words, ids, labels, is_train = [], [], [], []
-    for letter, (bucket, q) in enumerate(zip(by_letter, quotas)):
-        chosen = rng.sample(bucket, q)
-        n_train = round(q * eval_cfg.absorption_train_fraction) if q > 1 else q
-        for j, (word, tid) in enumerate(chosen):
-            words.append(word)
-            ids.append(tid)
-            labels.append(letter)
-            is_train.append(j < n_train)
-    return Vocab(words, ids, labels, is_train)
+    chosen = rng.sample(pool, n)
+    n_train = int(n * eval_cfg.absorption_train_fraction)
+    words = [w for w, _ in chosen]
+    return Vocab(words, [t for _, t in chosen], [letter_of(w) for w in words], [j < n_train for j in range(n)])
 
 
 # ------------------------------------------------------------------ prompts
@@ -368,15 +366,75 @@ def collect_acts(lm, lm_cfg: LMConfig, eval_cfg: EvalConfig, vocab: Vocab, train
 # ------------------------------------------------------------------ probe
 
 
+SAEBENCH_PROBE = {"epochs": 50, "lr": 1e-2, "end_lr": 1e-5, "weight_decay": 1e-4, "batch": 64}
+"""SAEBench 0.6.0's ground-truth probe training (``train_and_save_probes`` -> ``train_linear_probe_for_task``)."""
+
+
+def letter_metrics(scores_NL: np.ndarray, y_train_N: np.ndarray, y_test_N: np.ndarray) -> list[dict[str, Any]]:
+    """Per letter: test F1/precision/recall of ``score > 0`` and the train/test word counts."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    rows = []
+    for letter in range(len(LETTERS)):
+        truth, pred = y_test_N == letter, scores_NL[:, letter] > 0
+        rows.append({"letter": LETTERS[letter], "n_train": int((y_train_N == letter).sum()), "n_test": int(truth.sum()),
+                     "f1": float(f1_score(truth, pred, zero_division=0)),
+                     "precision": float(precision_score(truth, pred, zero_division=0)),
+                     "recall": float(recall_score(truth, pred, zero_division=0))})
+    return rows
+
+
+def train_probe_saebench(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.ndarray, y_test_N: np.ndarray,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """SAEBench's probe: one linear layer with 26 outputs on the raw activations, trained as one-vs-rest.
+
+    BCE with logits and ``pos_weight`` = negatives/positives per letter, Adam
+    (lr 1e-2 decaying exponentially to 1e-5 over 50 epochs, weight decay
+    1e-4), batches of 64 shuffled words, ``nn.Linear``'s default init; all
+    seeded. The raw (uncentred) activations matter: the probe direction then
+    carries part of the residual mean, which every absorption rule projects on.
+    A letter without training words gets weight 1 (SAEBench would divide by 0).
+    """
+    hp = SAEBENCH_PROBE
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(x_train_ND, dtype=torch.float32)
+    y = F.one_hot(torch.as_tensor(y_train_N).long(), len(LETTERS)).float()
+    pos = y.sum(0)
+    pos_weight = torch.where(pos > 0, (len(y) - pos) / pos.clamp_min(1), torch.ones_like(pos))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(x.shape[1], len(LETTERS))
+    opt = torch.optim.Adam(probe.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    gamma = math.exp(math.log(hp["end_lr"] / hp["lr"]) / hp["epochs"])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    with one_thread(), torch.enable_grad():
+        for _ in range(hp["epochs"]):
+            for rows in torch.randperm(len(x), generator=gen).split(hp["batch"]):
+                opt.zero_grad()
+                loss_fn(probe(x[rows]), y[rows]).backward()
+                opt.step()
+            sched.step()
+    W = probe.weight.detach().double().numpy()
+    b = probe.bias.detach().double().numpy()
+    return W, b, letter_metrics(x_test_ND @ W.T + b, y_train_N, y_test_N)
+
+
 def train_probe(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.ndarray, y_test_N: np.ndarray,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+                seed: int = 0, convention: str = "saebench") -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The ground-truth probe of ``convention`` (``EvalConfig.absorption_probe``): weights [26, D], biases [26], metrics."""
+    fit = train_probe_saebench if convention == "saebench" else train_probe_standardized
+    return fit(x_train_ND, y_train_N, x_test_ND, y_test_N, seed=seed)
+
+
+def train_probe_standardized(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.ndarray,
+                             y_test_N: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """26 one-vs-rest logistic probes (sklearn, standardised inputs, balanced classes).
 
     Returns weights ``[26, D]`` and biases ``[26]`` mapped back to the raw
     input space (score = x @ W.T + b) and per-letter test metrics.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score, precision_score, recall_score
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
@@ -384,21 +442,14 @@ def train_probe(x_train_ND: np.ndarray, y_train_N: np.ndarray, x_test_ND: np.nda
     xs = scaler.transform(x_train_ND)
     D = x_train_ND.shape[1]
     W, b = np.zeros((len(LETTERS), D)), np.zeros(len(LETTERS))
-    metrics = []
     for letter in range(len(LETTERS)):
         y = (y_train_N == letter).astype(np.int64)
-        row = {"letter": LETTERS[letter], "n_train": int(y.sum()), "n_test": int((y_test_N == letter).sum()),
-               "f1": 0.0, "precision": 0.0, "recall": 0.0}
         if 0 < y.sum() < len(y):
             # small problems: extra BLAS threads only add contention on a shared machine
             with threadpool_limits(limits=1, user_api="blas"):
                 clf = LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed).fit(xs, y)
             W[letter] = clf.coef_[0] / scaler.scale_
             b[letter] = clf.intercept_[0] - float((clf.coef_[0] * scaler.mean_ / scaler.scale_).sum())
-            pred = (x_test_ND @ W[letter] + b[letter]) > 0
-            truth = y_test_N == letter
-            row.update(f1=float(f1_score(truth, pred, zero_division=0)),
-                       precision=float(precision_score(truth, pred, zero_division=0)),
-                       recall=float(recall_score(truth, pred, zero_division=0)))
-        metrics.append(row)
-    return W, b, metrics
+        else:
+            b[letter] = -1.0  # no probe for this letter: predicts nothing
+    return W, b, letter_metrics(x_test_ND @ W.T + b, y_train_N, y_test_N)

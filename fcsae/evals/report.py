@@ -73,22 +73,33 @@ def resolve_target(sae_dir: str | Path, cache=None, model=None, layer=None, norm
 
 
 def eval_report(sae, lm_cfg: LMConfig, eval_cfg: EvalConfig, norm_scale: float, core: bool = True,
-                absorption: bool = True, lm=None) -> dict[str, Any]:
-    """Run the chosen evals; a JSON-ready dict with ``core``, ``absorption`` (summary + per-letter rows), timings."""
+                absorption: bool = True, lm=None, strict: bool = False) -> dict[str, Any]:
+    """Run the chosen evals; a JSON-ready dict with ``core``, ``absorption`` (summary + per-letter rows), timings.
+
+    ``strict``: a model/layer SAEBench would refuse (too few letters pass the probe) raises ``AbsorptionRefused``
+    before the core eval runs or anything is written.
+    """
     from fcsae.evals.absorption import evaluate_absorption
     from fcsae.evals.core import load_lm, check_sae_matches, evaluate_core
 
     lm = load_lm(lm_cfg, lm)
     check_sae_matches(sae, lm, lm_cfg.layer)
     report: dict[str, Any] = {"model": lm_cfg.model, "layer": lm_cfg.layer, "norm_scale": norm_scale, "seconds": {}}
+    if absorption and strict:  # refuse before spending the core eval's time
+        from fcsae.evals.absorption import check_letters, prepare_absorption_cache
+
+        check_letters(prepare_absorption_cache(lm_cfg, eval_cfg, lm=lm), lm_cfg, eval_cfg, strict=True)
     if core:
         t = time.perf_counter()
         report["core"] = evaluate_core(sae, lm_cfg, eval_cfg, norm_scale, lm=lm)
         report["seconds"]["core"] = round(time.perf_counter() - t, 2)
     if absorption:
         t = time.perf_counter()
-        res = evaluate_absorption(sae, lm_cfg, eval_cfg, norm_scale, lm=lm)
-        report["absorption"] = {"summary": res.summary, "per_letter": res.per_letter.to_dicts()}
+        from fcsae.evals.absorption_stats import verdict
+
+        res = evaluate_absorption(sae, lm_cfg, eval_cfg, norm_scale, lm=lm, strict=strict)
+        report["absorption"] = {"summary": res.summary, "verdict": verdict(res.summary),
+                                "per_letter": res.per_letter.to_dicts()}
         report["seconds"]["absorption"] = round(time.perf_counter() - t, 2)
     return report
 
@@ -113,10 +124,11 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(table)
     if report.get("absorption"):
         table = Table(title="absorption per letter")
-        cols = ("letter", "probe_f1", "num_split_features", "num_probe_true_positives", "mean_absorption_fraction",
-                "full_absorption_rate")
+        cols = ("letter", "probe_f1", "sparse_f1_k1", "num_split_features", "num_probe_true_positives",
+                "mean_absorption_fraction", "full_absorption_rate", "latent_share")
         for c in cols:
             table.add_column(c, justify="right")
         for row in report["absorption"]["per_letter"]:
             table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
         console.print(table)
+        console.print(report["absorption"]["verdict"])

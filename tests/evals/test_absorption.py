@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -133,20 +135,26 @@ def test_letters_below_the_probe_threshold_are_dropped(tiny_lm, monkeypatch):
 # ------------------------------------------------------------------ vocabulary, prompts, cache
 
 
-def test_stratified_sampling_keeps_rare_letters_and_splits_per_letter(tiny_lm):
-    pool = probe.alpha_vocab(tiny_lm.tokenizer)
-    assert all(w.startswith(" ") and w[1:].isalpha() for w, _ in pool)
-    assert all(tiny_lm.tokenizer(w, add_special_tokens=False)["input_ids"] == [t] for w, t in pool)
-    v = probe.sample_vocab(tiny_lm.tokenizer, EvalConfig(absorption_words=100, seed=3))
-    assert len(v.words) == 100 and len(set(v.words)) == 100
-    letters = {LETTERS.index(w[1].lower()) for w, _ in pool}
-    assert set(v.labels) == letters  # every letter the tokenizer has is sampled
-    assert probe._quotas([3, 100, 100], 60) == [3, 29, 28]
-    assert sum(probe._quotas([50, 400, 7], 300)) == 300
+def test_vocabulary_is_saebenchs_and_the_split_is_a_random_80_20(tiny_lm):
+    tok = tiny_lm.tokenizer
+    pool = probe.alpha_vocab(tok)
+    # brute force: every non-special token whose text is ASCII letters after at most one leading space
+    special = set(tok.all_special_ids)
+    want = sorted(tid for t, tid in tok.get_vocab().items() if tid not in special
+                  and (lambda s: s.isascii() and s.isalpha())(probe._token_string(tok, t).removeprefix(" ")))
+    assert [t for _, t in pool] == want
+    assert any(not w.startswith(" ") for w, _ in pool) and any(w.startswith(" ") for w, _ in pool)
+    full = probe.sample_vocab(tok, EvalConfig(absorption_words=0, seed=3))
+    assert sorted(full.token_ids) == want  # 0 = the whole vocabulary
+    v = probe.sample_vocab(tok, EvalConfig(absorption_words=100, seed=3))
+    assert len(v.words) == 100 and len(set(v.words)) == 100 and sum(v.is_train) == 80
+    assert v.labels == [LETTERS.index(w.strip()[0].lower()) for w in v.words]
+    assert v == probe.sample_vocab(tok, EvalConfig(absorption_words=100, seed=3))
+    assert v != probe.sample_vocab(tok, EvalConfig(absorption_words=100, seed=4))
 
 
 def test_too_few_alphabetic_tokens_is_a_clear_error(tiny_lm):
-    with pytest.raises(FcsaeInputError, match="only .* single-token words"):
+    with pytest.raises(FcsaeInputError, match="only .* single-token alphabetic words"):
         probe.sample_vocab(tiny_lm.tokenizer, EvalConfig(absorption_words=5000))
 
 
@@ -183,8 +191,8 @@ def test_eval_is_deterministic_and_the_cache_is_reused(tiny_lm, home, monkeypatc
                    torch.randn(48, 32, generator=torch.Generator().manual_seed(1)), relu=True)
     a = absorption.evaluate_absorption(sae, lmc, SMALL, 1.0, lm=tiny_lm, progress=False)
     calls = []
-    real = absorption._compute_probe_data
-    monkeypatch.setattr(absorption, "_compute_probe_data", lambda *x, **k: calls.append(1) or real(*x, **k))
+    real = absorption._compute_acts
+    monkeypatch.setattr(absorption, "_compute_acts", lambda *x, **k: calls.append(1) or real(*x, **k))
     b = absorption.evaluate_absorption(sae, lmc, SMALL, 1.0, lm=tiny_lm, progress=False)
     assert calls == []
     assert a.summary == b.summary and a.per_letter.equals(b.per_letter)
@@ -220,3 +228,106 @@ def test_a_dead_sae_gets_nan_scores_not_an_error(tiny_lm, monkeypatch):
                                          progress=False)
     assert math.isnan(res.summary["mean_absorption_fraction"]) and res.summary["n_letters_scored"] == 0
     assert res.per_letter.height == 0
+
+
+# ------------------------------------------------------------------ probe convention, interval, degenerate, refusal
+
+
+def _low_variance_case():
+    """Letter a's signal sits on dim 0 (noise 0.3) and, equally informative, on dim 1 (noise 0.003).
+
+    Six of letter a's ten test words carry a token direction (dims 28, 29) that switches the main latent
+    (decoder e0) off and fires a token latent with decoder (e0 + e_28/29)/sqrt2. SAEBench's raw-activation
+    probe leans on the high-variance dim 0, so that token latent is aligned with it (cos >= 0.1) and absorbs;
+    the standardised probe divides by the tiny scale of dim 1 and points almost along e1, so no latent is
+    aligned with it and nothing counts as absorbed (the field's 0.41 vs 0.005 in miniature).
+    """
+    g = torch.Generator().manual_seed(0)
+    D = 32
+
+    def make(n, absorbed=0):
+        xs, ys = [], []
+        for letter in range(26):
+            for j in range(n):
+                v = 0.3 * torch.randn(D, generator=g)
+                v[1] = 0.003 * torch.randn((), generator=g)
+                if letter == 0:
+                    v[0] += 4
+                    v[1] += 0.04
+                    if j < absorbed:
+                        v[28 + j % 2] += 4
+                else:
+                    v[letter + 1] += 4
+                xs.append(v)
+                ys.append(letter)
+        return torch.stack(xs), torch.tensor(ys)
+
+    x_tr, y_tr = make(40)
+    x_te, y_te = make(10, absorbed=6)
+    W_enc, W_dec = torch.zeros(D, 30), torch.zeros(30, D)
+    W_enc[0, 0], W_enc[28, 0], W_enc[29, 0], W_dec[0, 0] = 1.0, -4.0, -4.0, 1.0
+    for letter in range(1, 26):
+        W_enc[letter + 1, letter] = W_dec[letter, letter + 1] = 1.0
+    for t in (28, 29):
+        W_enc[t, t] = 1.0
+        W_dec[t, 0] = W_dec[t, t] = 1 / math.sqrt(2)
+    return DenseSAE(W_enc, W_dec, relu=True), (x_tr, y_tr, x_te, y_te)
+
+
+def test_probe_convention_switch_changes_the_score_in_the_expected_direction():
+    sae, (x_tr, y_tr, x_te, y_te) = _low_variance_case()
+    got = {}
+    for convention in ("saebench", "standardized"):
+        W, b, metrics = probe.train_probe(x_tr.double().numpy(), y_tr.numpy(), x_te.double().numpy(), y_te.numpy(),
+                                          convention=convention)
+        data = ProbeData(x_tr, x_te, y_tr, y_te, [f"w{i}" for i in range(len(y_te))],
+                         torch.from_numpy(W).float(), torch.from_numpy(b).float(), metrics)
+        res = absorption._score_sae(sae, data, 1.0, EvalConfig(max_k=1), list(range(26)))
+        got[convention] = res.per_letter.row(0, named=True)
+        assert got[convention]["main_latents"] == [0] and got[convention]["num_probe_true_positives"] == 10
+    assert got["saebench"]["mean_absorption_fraction"] == pytest.approx(0.6)
+    assert got["standardized"]["mean_absorption_fraction"] == 0.0
+
+
+def test_the_interval_narrows_with_more_words():
+    from fcsae.evals.absorption_stats import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (10, 100, 1000):
+        fractions = [rng.uniform(0, 1, n) * (rng.uniform(size=n) < 0.3) for _ in range(20)]
+        lo, hi = bootstrap_interval(fractions, 500, seed=0)
+        mean = np.mean([f.mean() for f in fractions])
+        assert lo <= mean <= hi
+        widths.append(hi - lo)
+    assert widths[0] > 2 * widths[1] > 4 * widths[2]
+
+
+def test_a_random_decoder_sae_is_flagged_degenerate():
+    from fcsae.evals.absorption_stats import verdict
+
+    good_sae, (x_tr, y_tr, x_te, y_te) = _low_variance_case()
+    W, b, metrics = probe.train_probe(x_tr.double().numpy(), y_tr.numpy(), x_te.double().numpy(), y_te.numpy())
+    data = ProbeData(x_tr, x_te, y_tr, y_te, [f"w{i}" for i in range(len(y_te))],
+                     torch.from_numpy(W).float(), torch.from_numpy(b).float(), metrics)
+    good = absorption._score_sae(good_sae, data, 1.0, EvalConfig(), list(range(26))).summary
+    assert good["meaningful"] and good["letters_with_latent"] >= 25
+    W_dec = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    random_sae = DenseSAE(W_dec.T.clone(), W_dec, relu=True)
+    bad = absorption._score_sae(random_sae, data, 1.0, EvalConfig(), list(range(26))).summary
+    assert not bad["meaningful"] and bad["letters_with_latent"] < 13
+    assert verdict(bad).startswith("Degenerate SAE: only ")
+    assert "first-letter latent" in verdict(good)
+
+
+def test_too_few_passing_letters_refuse_in_strict_mode_and_warn_otherwise(tiny_lm, monkeypatch, caplog):
+    sae, data = _planted()
+    metrics = [dict(m, f1=0.5) if m["letter"] in "abcdefghij" else m for m in data.probe_metrics]
+    monkeypatch.setattr(absorption, "prepare_absorption_cache", lambda *a, **k: data._replace(probe_metrics=metrics))
+    lmc = LMConfig(model="tiny", layer=0)
+    with pytest.raises(absorption.AbsorptionRefused, match="only 16 letters pass .* SAEBench needs 20"):
+        absorption.evaluate_absorption(sae, lmc, EvalConfig(), 0.5, lm=tiny_lm, progress=False, strict=True)
+    res = absorption.evaluate_absorption(sae, lmc, EvalConfig(), 0.5, lm=tiny_lm, progress=False)
+    assert "SAEBench needs 20" in res.summary["warning"] and not res.summary["meaningful"]
+    assert res.summary["n_letters"] == 16

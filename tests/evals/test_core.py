@@ -169,7 +169,8 @@ def test_bad_norm_scale_is_refused(setup, scale):
 
 
 @pytest.mark.parametrize("field,value", [("context_len", 1), ("kl_topk", -1), ("batch_size", 0), ("icl_prefixes", -2),
-                                         ("absorption_train_fraction", 1.0), ("absorption_words", 10)])
+                                         ("absorption_train_fraction", 1.0), ("absorption_words", 10),
+                                         ("absorption_probe", "sklearn"), ("absorption_bootstrap", -1)])
 def test_eval_config_refuses_bad_values(field, value):
     with pytest.raises(FcsaeInputError, match=field):
         EvalConfig(**{field: value})
@@ -214,7 +215,10 @@ def test_cli_eval_writes_json_and_prints_a_summary(saved, capsys):
     ("width", ["sae16", "--layer", "0", "--norm-scale", "1"], "d_in=16 does not match"),
     ("unknown", ["sae32"], "cannot tell the SAE's model, layer, norm_scale"),
     ("no-sae", ["nothing", "--layer", "0", "--norm-scale", "1"], "no such file"),
-    ("words", ["sae32", "--layer", "0", "--norm-scale", "1", "--skip-core"], "single-token words"),
+    ("words", ["sae32", "--layer", "0", "--norm-scale", "1", "--skip-core", "--absorption-words", "5000"],
+     "single-token alphabetic words"),
+    # a random tiny model's probe passes few letters: SAEBench's refusal, before the core eval runs
+    ("refused", ["sae32", "--layer", "0", "--norm-scale", "1"], "SAEBench needs 20 and refuses"),
 ])
 def test_cli_eval_bad_input_exits_2_and_writes_nothing(saved, capsys, case, argv, message):
     root, model_dir, text = saved
