@@ -1,21 +1,23 @@
-"""First-letter feature-absorption eval, after SAEBench's current (v0.6) absorption eval.
+"""First-letter feature-absorption eval, after SAEBench 0.6.0's absorption eval (docs/evals.md).
 
 Per (model, layer, eval config), cached once (``prepare_absorption_cache``):
-words, activations at the word position and a 26-way one-vs-rest logistic
-probe (``fcsae.evals.probe``). Per SAE (``evaluate_absorption``):
+words, activations at the word position, and the ground-truth probe
+(``fcsae.evals.probe``; SAEBench's raw-activation probe by default). Per SAE
+(``evaluate_absorption``):
 
-1. Encode the cached activations (x ``norm_scale``, the SAE's input space).
-2. Letters are kept where the probe's test F1 > ``probe_f1_min``.
-3. k-sparse probing: an L1-regularised logistic probe on all latents ranks
+1. Encode the cached activations (x ``norm_scale``, the SAE's input space)
+   and divide the codes by ``norm_scale``: codes in raw-activation units,
+   as a SAELens export (``fcsae.saelens``) gives them.
+2. Letters are kept where the probe's test F1 > ``probe_f1_min``; with fewer
+   than 20, SAEBench refuses (``strict``) or the summary carries a warning.
+3. k-sparse probing: an L1-regularised 26-output probe on all latents ranks
    them per letter; for k = 1..``max_k`` a logistic probe on that letter's
-   top-k latents is fitted and scored (test F1). The letter's main latents are
-   the top-k at the last k whose F1 beat the previous best by more than
+   top-k latents is fitted and scored (test F1). The main latents are the
+   top-k at the last k whose F1 beat the previous best by more than
    ``f1_jump``; their count is the number of split features.
 4. For every test word of a kept letter that the probe classifies correctly
-   (probe true positives), with p the unit probe direction:
-   a latent's projection is ``a_i * (W_dec_i . p)`` (SAEBench writes
-   ``a_i * cos(W_dec_i, p)``; the same for unit-norm decoder rows, which
-   fcsae's SAEs keep), the word's projection is ``x . p``.
+   (probe true positives), with p the unit probe direction, a latent's
+   projection is ``code_i * cos(W_dec_i, p)`` and the word's ``x . p``:
    - absorption fraction: 0 if the main latents' projection reaches the
      word's, or if the (up to 3) largest positive projections of non-main
      latents with cos >= 0.1 to p make up less than 40% of it; 1 if the main
@@ -25,13 +27,12 @@ probe (``fcsae.evals.probe``). Per SAE (``evaluate_absorption``):
      cos >= 0.025 to p, the word's projection is >= 0 and that latent carries
      at least 40% of it.
    Per letter: mean absorption fraction and full-absorption rate over the
-   probe true positives; the summary averages them over kept letters.
+   probe true positives; the summary averages them over scored letters and
+   adds the interval and meaningfulness columns (``absorption_stats``).
 
-Differences from SAEBench, all documented in docs/evals.md: the probe is
-sklearn's logistic regression (SAEBench trains its own in torch); the
-absorption words are the probe's test words with their cached activations
-(SAEBench re-prompts them with fresh examples); prompts share KV-cached
-prefixes (see ``fcsae.evals.probe``).
+Remaining differences from SAEBench (docs/evals.md): shared KV-cached
+prompt prefixes, the absorption words reuse the test activations, and the
+L1 ranking probe starts at zero.
 """
 
 from __future__ import annotations

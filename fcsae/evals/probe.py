@@ -3,10 +3,12 @@
 Everything here depends only on (model, layer, eval config), so it is computed
 once and cached under ``$FCSAE_HOME/evals/absorption`` (see ``store``).
 
-Words are single tokens of a leading space + ASCII letters from the model's
-own tokenizer (without the space most words split into several tokens and
-the probe collapses). They are sampled stratified by first letter so that
-rare letters keep test words, then split train/test per letter.
+Words follow SAEBench 0.6.0: every single token that is ASCII letters with or
+without a leading space (``alpha_vocab``), all of them or a seeded random
+sample of ``absorption_words``, shuffled and split 80/20 (``sample_vocab``).
+The ground-truth probe is SAEBench's (one 26-output linear layer on raw
+activations, ``train_probe_saebench``) or the older standardised sklearn
+probes (``train_probe_standardized``), by ``absorption_probe``.
 
 Prompts follow SAEBench: ``"\\n{word} has the first letter: {L}"`` repeated for
 ``icl_examples`` in-context words, then ``"\\n{word} has the first letter:"``
