@@ -15,7 +15,7 @@ scaling_factor`` scales W_enc and W_dec instead, which keeps the codes but
 makes that projection off by ``s``. ``metadata.fcsae_norm_scale`` records s.
 
 Files: ``sae_weights.safetensors`` (W_enc [D, F], b_enc [F], W_dec [F, D],
-b_dec [D]) and ``cfg.json`` with SAELens 6's keys (``architecture`` ``topk``
+b_dec [D], and ``threshold`` [F] for batchtopk/matryoshka) and ``cfg.json`` with SAELens 6's keys (``architecture`` ``topk``
 or ``standard``, ``normalize_activations: none``, ``metadata`` with the model,
 hook, context size and BOS handling). Written to temporary names and renamed.
 """
@@ -34,17 +34,20 @@ from fcsae.io import atomic_path, write_json
 
 SAELENS_VERSION = "6.54.12"
 """The SAELens release whose format this writes (checked by benchmarks/saebench_agreement.py)."""
-ARCHITECTURES = {"topk": "topk", "relu": "standard"}
-"""fcsae activation -> SAELens architecture."""
+ARCHITECTURES = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+"""fcsae activation -> SAELens architecture (batchtopk/matryoshka infer with their threshold: JumpReLU)."""
 
 
 def saelens_tensors(sae, norm_scale: float) -> dict[str, torch.Tensor]:
     """The four weights in raw-activation space (see the module docstring)."""
     s = float(norm_scale)
-    return {"W_enc": sae.W_enc.detach().float().cpu().contiguous(),
-            "b_enc": (sae.b_enc.detach().float().cpu() / s).contiguous(),
-            "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
-            "b_dec": (sae.b_dec.detach().float().cpu() / s).contiguous()}
+    out = {"W_enc": sae.W_enc.detach().float().cpu().contiguous(),
+           "b_enc": (sae.b_enc.detach().float().cpu() / s).contiguous(),
+           "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
+           "b_dec": (sae.b_dec.detach().float().cpu() / s).contiguous()}
+    if getattr(sae, "batch", False):  # inference threshold on pre-activations, which scale by 1/s too
+        out["threshold"] = torch.full_like(out["b_enc"], float(sae.threshold.clamp_min(0)) / s)
+    return out
 
 
 def saelens_cfg(sae, model_name: str, layer: int, norm_scale: float, context_size: int | None,

@@ -18,22 +18,26 @@ def _saelens_encode(t, cfg, x_raw):
     pre = (x_raw - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
     if cfg["architecture"] == "standard":
         return F.relu(pre)
+    if cfg["architecture"] == "jumprelu":
+        return F.relu(pre) * (pre > t["threshold"])
     vals, idx = pre.topk(cfg["k"], dim=1)
     return torch.zeros_like(pre).scatter(1, idx, F.relu(vals))
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu"])
+@pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk"])
 def test_export_encodes_raw_activations_to_fcsaes_codes(tmp_path, activation):
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=16, dict_size=48, k=4, activation=activation), seed=1)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.5)
+        if activation == "batchtopk":
+            sae.threshold.fill_(0.8)
     s = 0.37
     out = export_saelens(sae, tmp_path / "sl", "tiny", 3, s, context_size=128, bos_token_id=1)
     cfg = json.loads((out / "cfg.json").read_text())
     t = load_file(str(out / "sae_weights.safetensors"))
-    assert cfg["architecture"] == {"topk": "topk", "relu": "standard"}[activation]
+    assert cfg["architecture"] == {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}[activation]
     assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"]
     md = cfg["metadata"]
     assert (md["model_name"], md["hook_name"], md["context_size"], md["prepend_bos"]) == (
