@@ -146,8 +146,22 @@ def _comparison(ctx: Context) -> list[Block]:
     text = ("Means over seeds (each seed's trials averaged first), std across seeds; Δ is the difference from "
             f"`{rt.BASELINE}` with the standard error of that difference. Other searched parameters are pooled, "
             "so a difference can also come from how they were sampled per criterion.")
-    return [Block("h2", "Baseline vs split criteria"), Block("p", text), Block("table", cmp, "Per criterion"),
+    return [Block("h2", "Baseline vs split criteria"), Block("p", text + _absorption_validity(ctx.ok)),
+            Block("table", cmp, "Per criterion"),
             Block("bullets", rt.comparison_sentences(cmp, metrics[0]), f"Reading on `{metrics[0]}`")]
+
+
+def _absorption_validity(ok) -> str:
+    """One sentence when trials' absorption scores are flagged not meaningful (``absorption.meaningful``)."""
+    if "absorption.meaningful" not in ok.columns:
+        return ""
+    flags = ok["absorption.meaningful"].drop_nulls()
+    bad = int((~flags).sum())
+    if bad == 0:
+        return ""
+    return (f" **{bad} of {flags.len()} trials' absorption scores are flagged not meaningful** (too few letters "
+            "pass the probe, or fewer than half the letters have a latent that alone detects them: "
+            "`absorption.letters_with_latent`), so their absorption means say little about absorption.")
 
 
 def _architectures(ctx: Context) -> list[Block]:
