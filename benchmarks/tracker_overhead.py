@@ -30,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fcsae  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads OpenMP)
+import torch  # noqa: E402
 
 from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig  # noqa: E402
 from fcsae.sae import SparseAutoencoder  # noqa: E402

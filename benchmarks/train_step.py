@@ -46,11 +46,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fcsae  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads OpenMP; the anchors inherit it)
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 import _anchors  # noqa: E402
 from fcsae.config import SAEConfig, TrainerConfig  # noqa: E402

@@ -9,12 +9,16 @@ leaves free, and respects ``OMP_NUM_THREADS`` when it is set:
 Ray sets it to a trial's CPUs (1 in fcsae's sweeps), so each trial keeps one
 thread and trials do not oversubscribe the cores.
 
-The OpenMP wait policy decides what a thread does at a barrier: spin (ACTIVE,
-libgomp's default for a while) or sleep (PASSIVE). It is read once when the
-OpenMP runtime starts, i.e. when torch is imported, so it can only be chosen
-for a new process: ``fcsae train`` re-executes nothing and leaves it to the
-environment; set ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine
-(``benchmarks/train_step.py --wait-policy`` measures both).
+The OpenMP wait policy decides what a thread does at a barrier: spin (libgomp's
+default, for a while) or sleep (PASSIVE). Under load the spinning thread burns
+a core another job needs: measured with 2 threads at load average 11-16, a
+576 x 4096 step took 2.3-2.7 s wall and 620-730 ms CPU with the default
+policy, 0.87-1.04 s and 183-200 ms with PASSIVE (1 thread: 0.97-1.0 s,
+163-188 ms). The policy is read once, when torch loads its OpenMP runtime, so
+``import fcsae`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set
+(``default_wait_policy``); it takes effect when fcsae is imported before
+torch (the ``fcsae`` commands, Ray trials started by fcsae's driver, the
+benchmarks), and an explicit ``OMP_WAIT_POLICY`` always wins.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from __future__ import annotations
 import os
 
 from fcsae.errors import FcsaeInputError
+
+
+WAIT_POLICY = "PASSIVE"
+"""fcsae's default OpenMP wait policy (see the module docstring)."""
+
+
+def default_wait_policy() -> str:
+    """Set ``OMP_WAIT_POLICY`` to ``WAIT_POLICY`` unless the environment sets it; returns the policy in force."""
+    return os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
 
 
 def cores() -> int:

@@ -35,3 +35,18 @@ def test_set_threads_sets_torch_and_refuses_bad_values(monkeypatch):
                 threads.set_threads(bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_importing_fcsae_first_makes_openmp_threads_sleep_at_barriers():
+    """A fresh interpreter: ``import fcsae`` sets OMP_WAIT_POLICY=PASSIVE; an explicit setting is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import fcsae, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
