@@ -237,7 +237,14 @@ class TrainerConfig:
     b_dec_init: str = "geometric_median"
     """Decoder-bias initialisation from the first batch: ``geometric_median``, ``mean`` or ``zeros`` (keep as is)."""
 
+    bf16_encoder: str = "auto"
+    """Rank latents by bfloat16 encoder pre-activations; the kept values, losses and gradients stay fp32.
+    ``auto``: on where bf16 is faster (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16,
+    ``fcsae.sae.bf16_encoder_pays``); ``on``; ``off``."""
+
     def __post_init__(self):
+        require(self.bf16_encoder in ("auto", "on", "off"),
+                f"bf16_encoder: must be one of auto, on, off, got {self.bf16_encoder!r}")
         _check_types(self)
         require(self.b_dec_init in B_DEC_INITS, f"b_dec_init: must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
         require(self.buffer_tokens >= 0, f"buffer_tokens: must be >= 0, got {self.buffer_tokens!r}")

@@ -16,6 +16,20 @@ forms the encoder gradient as a sparse [F, B] x dense [B, D] product instead of
 a dense [D, B] x [B, F] one. ``fast=False`` is the plain dense reference
 (scatter into a [B, F] matrix, dense decoder) used by tests and the benchmark.
 
+The sparse backward is fused across encoder and decoder (``_Layout``): the
+kept (token, latent) pairs are sorted by latent once per forward and that CSR
+layout serves both weight gradients (sparse [F, B] x dense [B, D] products);
+the gradient of the kept activations is a sampled dense-dense product
+(``torch.sparse.sampled_addmm``, no [B, k, D] gather); ``b_dec``'s gradient
+through the encoder is ``-(grad b_enc) @ W_enc^T`` (an [F] x [F, D] product
+instead of a [B, k, D] gather). AuxK's top-k runs over the dead columns only.
+
+``encoder_bf16`` (set by the trainer from ``TrainerConfig.bf16_encoder``)
+computes the dense pre-activations in bfloat16, which only selects the kept
+latents: their values are recomputed in fp32 from the same pairs, so
+activations, losses and gradients stay fp32 (the selection can differ from
+fp32's where two pre-activations are within bf16 rounding of each other).
+
 ``batchtopk`` and ``matryoshka`` keep the ``round(k x B)`` largest
 pre-activations of the whole batch during training (``forward``); a token's
 kept latents are returned as a [B, K] block padded with zero activations, K
@@ -84,59 +98,161 @@ class AuxOutput(NamedTuple):
     """Values (after ReLU) of the auxiliary latents."""
     idx_BA: torch.Tensor
     """Indices of the auxiliary latents (all dead)."""
+    layout: "_Layout | None" = None
+    """Fast path: the pairs' sorted layout, shared with the encoder's backward."""
+
+
+class _Layout:
+    """The (token, latent) pairs ``idx_BN`` of one forward, sorted by latent once (lazily) for every backward that needs it.
+
+    ``scatter`` is the weight gradient of a row gather (``out[r] = sum of
+    w[b, n] * y[b] over idx[b, n] == r``) as a CSR [R, B] x dense [B, D] product,
+    the CSR built directly from the sort (no COO coalesce; CSR @ dense was about
+    2x COO on this CPU); ``dots`` is ``out[b, n] = <y[b], M[idx[b, n]]>`` as a
+    sampled dense-dense product.
+    """
+
+    def __init__(self, idx_BN: torch.Tensor, n_rows: int):
+        self.idx_BN, self.n_rows = idx_BN, n_rows
+        self._sorted = None
+
+    def _sort(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._sorted is None:
+            N = self.idx_BN.shape[1]
+            flat = self.idx_BN.reshape(-1)
+            order = torch.argsort(flat)
+            crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=flat.device)
+            torch.cumsum(torch.bincount(flat, minlength=self.n_rows), 0, out=crow[1:])
+            self._sorted = (order, crow, torch.div(order, N, rounding_mode="floor"))
+        return self._sorted
+
+    def scatter(self, w_BN: torch.Tensor, y_BD: torch.Tensor, out_RD: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum over (b, n) with idx[b, n] == r of w[b, n] * y[b]`` per row r (added to ``out_RD`` when given)."""
+        order, crow, col = self._sort()
+        m_RB = _csr(crow, col, w_BN.reshape(-1)[order], (self.n_rows, self.idx_BN.shape[0]))
+        if out_RD is None:
+            return m_RB @ y_BD
+        return torch.addmm(out_RD, m_RB, y_BD, out=out_RD)
+
+    def dots(self, y_BD: torch.Tensor, M_RD: torch.Tensor) -> torch.Tensor:
+        """``<y[b], M[idx[b, n]]>`` for every pair, shaped like ``idx_BN``."""
+        B, N = self.idx_BN.shape
+        crow = torch.arange(0, B * N + 1, N, device=y_BD.device)
+        mask_BR = _csr(crow, self.idx_BN.reshape(-1), y_BD.new_zeros(B * N), (B, self.n_rows))
+        return torch.sparse.sampled_addmm(mask_BR, y_BD, M_RD.t()).values().view(B, N)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torch warns that CSR is "beta"; the ops used here are tested against the dense reference.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
+
+
+class _Layouts:
+    """Filled by ``_TopKEncode.forward``: the layouts of the kept and of the AuxK pairs, for the decoders' backward."""
+
+    main: _Layout | None = None
+    aux: _Layout | None = None
+
+
+def dead_topk(pre_BF: torch.Tensor, dead_mask_F: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``a`` largest pre-activations of each row among the dead columns only (AuxK), with their column indices.
+
+    Restricting the top-k to the dead columns gives the same result as masking
+    the live ones to -inf over the full width, at the cost of the dead columns.
+    """
+    dead_G = dead_mask_F.nonzero().squeeze(1)
+    vals_BA, j_BA = pre_BF.index_select(1, dead_G).topk(a, dim=1, sorted=False)
+    return vals_BA, dead_G[j_BA]
 
 
 class _TopKEncode(torch.autograd.Function):
-    """Dense encoder matmul + top-k (and optionally top-a among dead latents), with a sparse backward.
+    """Dense encoder matmul + top-k (or batch top-k; optionally top-a among dead latents), with a sparse backward.
 
     Gradients flow only into the selected (latent, token) pairs, so the
-    backward never builds a [B, F] matrix: the encoder-weight gradient is a
-    sparse [F, B] x [B, D] product and the input gradient an ``embedding_bag``.
+    backward never builds a [B, F] matrix (see the module docstring).
     """
 
     @staticmethod
-    def forward(ctx, xc_BD, W_encT_FD, b_enc_F, k, dead_mask_F, auxk, batch_n=0):
-        pre_BF = torch.addmm(b_enc_F, xc_BD, W_encT_FD.t())
+    def forward(ctx, x_BD, b_dec_D, W_encT_FD, b_enc_F, k, dead_mask_F, auxk, batch_n, layouts, bf16):
+        xc_BD = x_BD - b_dec_D
+        if bf16:
+            # bf16 only ranks the latents; the kept values are recomputed in fp32 below.
+            pre_BF = torch.addmm(b_enc_F.to(torch.bfloat16), xc_BD.to(torch.bfloat16), W_encT_FD.to(torch.bfloat16).t())
+        else:
+            pre_BF = torch.addmm(b_enc_F, xc_BD, W_encT_FD.t())
+        n_lat = W_encT_FD.shape[0]
+        m_B = None
         if batch_n:
-            vals_BK, idx_BK = batch_topk(pre_BF, batch_n, k)
+            vals_BK, idx_BK, m_B = batch_topk(pre_BF, batch_n, k, with_counts=True)
         else:
             vals_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
         if dead_mask_F is not None and auxk > 0:
-            # pre_BF is not needed any more: mask alive latents in place.
-            pre_BF.masked_fill_(~dead_mask_F, float("-inf"))
-            aux_vals_BA, aux_idx_BA = pre_BF.topk(auxk, dim=1, sorted=False)
+            aux_vals_BA, aux_idx_BA = dead_topk(pre_BF, dead_mask_F, auxk)
         else:
             aux_vals_BA = xc_BD.new_zeros(xc_BD.shape[0], 0)
             aux_idx_BA = idx_BK.new_zeros(xc_BD.shape[0], 0)
-        ctx.save_for_backward(xc_BD, W_encT_FD, idx_BK, aux_idx_BA)
+        main, aux = _Layout(idx_BK, n_lat), _Layout(aux_idx_BA, n_lat)
+        if bf16:
+            vals_BK = main.dots(xc_BD, W_encT_FD) + b_enc_F[idx_BK]
+            if m_B is not None:  # batch top-k pads short rows with zero activations
+                vals_BK.masked_fill_(torch.arange(idx_BK.shape[1], device=idx_BK.device)[None, :] >= m_B[:, None], 0.0)
+            if aux_idx_BA.shape[1] > 0:
+                aux_vals_BA = aux.dots(xc_BD, W_encT_FD) + b_enc_F[aux_idx_BA]
+        layouts.main, layouts.aux = main, aux
+        ctx.layouts = (main, aux)
+        ctx.save_for_backward(xc_BD, W_encT_FD)
         ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
         return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
 
     @staticmethod
     def backward(ctx, g_vals_BK, _g_idx, g_aux_BA, _g_aux_idx):
-        xc_BD, W_encT_FD, idx_BK, aux_idx_BA = ctx.saved_tensors
-        B, D = xc_BD.shape
+        xc_BD, W_encT_FD = ctx.saved_tensors
+        main, aux = ctx.layouts
         n_lat = W_encT_FD.shape[0]
         if g_vals_BK is None:
-            g_vals_BK = torch.zeros(idx_BK.shape, dtype=xc_BD.dtype, device=xc_BD.device)
-        if aux_idx_BA.shape[1] > 0 and g_aux_BA is not None:
-            idx_BN = torch.cat([idx_BK, aux_idx_BA], dim=1)
-            g_BN = torch.cat([g_vals_BK, g_aux_BA], dim=1)
-        else:
-            idx_BN, g_BN = idx_BK, g_vals_BK
-        flat_idx = idx_BN.reshape(-1)
-        flat_g = g_BN.reshape(-1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n_lat, dtype=xc_BD.dtype, device=xc_BD.device).index_add_(0, flat_idx, flat_g)
-        if ctx.needs_input_grad[1]:
-            grad_W = scatter_rows(idx_BN, g_BN, xc_BD, n_lat)
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx_BN, W_encT_FD, per_sample_weights=g_BN, mode="sum")
-        return grad_x, grad_W, grad_b, None, None, None, None
+            g_vals_BK = xc_BD.new_zeros(main.idx_BN.shape)
+        parts = [(main, g_vals_BK)]
+        if aux.idx_BN.shape[1] > 0 and g_aux_BA is not None:
+            parts.append((aux, g_aux_BA))
+        need_x, need_bdec, need_W, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_bdec = grad_W = grad_b = None
+        if need_b or need_bdec:
+            grad_b = xc_BD.new_zeros(n_lat)
+            for lay, g in parts:
+                grad_b.index_add_(0, lay.idx_BN.reshape(-1), g.reshape(-1))
+        if need_W:
+            grad_W = main.scatter(g_vals_BK, xc_BD)
+            for lay, g in parts[1:]:
+                lay.scatter(g, xc_BD, out_RD=grad_W)
+        if need_bdec:
+            # d pre[b, f] / d b_dec = -W_enc[:, f]: summed over the pairs that is -(grad b_enc) @ W_enc^T.
+            grad_bdec = -(grad_b @ W_encT_FD)
+        if need_x:
+            grad_x = sum(F.embedding_bag(lay.idx_BN, W_encT_FD, per_sample_weights=g, mode="sum") for lay, g in parts)
+        return grad_x, grad_bdec, grad_W, grad_b if need_b else None, None, None, None, None, None, None
 
 
-def batch_topk(pre_BF: torch.Tensor, n: int, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+class _SparseDecode(torch.autograd.Function):
+    """``sum_n acts[b, n] * W_dec[idx[b, n]]`` (an ``embedding_bag``) whose backward reuses the encoder's sorted layout."""
+
+    @staticmethod
+    def forward(ctx, acts_BN, W_dec_FD, layout):
+        ctx.layout = layout
+        ctx.save_for_backward(acts_BN, W_dec_FD)
+        return F.embedding_bag(layout.idx_BN, W_dec_FD, per_sample_weights=acts_BN, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        acts_BN, W_dec_FD = ctx.saved_tensors
+        g_BD = g_BD.contiguous()
+        grad_acts = ctx.layout.dots(g_BD, W_dec_FD) if ctx.needs_input_grad[0] else None
+        grad_W = ctx.layout.scatter(acts_BN, g_BD) if ctx.needs_input_grad[1] else None
+        return grad_acts, grad_W, None
+
+
+def batch_topk(pre_BF: torch.Tensor, n: int, k: float, with_counts: bool = False):
     """The ``n`` largest entries of the whole batch, as per-row blocks [B, K] padded with zeros.
 
     Row b keeps its ``m_b`` largest pre-activations (``sum_b m_b = n``); K is
@@ -160,6 +276,8 @@ def batch_topk(pre_BF: torch.Tensor, n: int, k: float) -> tuple[torch.Tensor, to
     K = max(1, int(m_B.max()))
     vals_BK = vals_BC[:, :K].clone()
     vals_BK[torch.arange(K, device=pre_BF.device)[None, :] >= m_B[:, None]] = 0.0
+    if with_counts:  # m_B: how many of each row's K entries are real
+        return vals_BK, idx_BC[:, :K].contiguous(), m_B
     return vals_BK, idx_BC[:, :K].contiguous()
 
 
@@ -169,24 +287,8 @@ def batch_n(k: float, batch: int) -> int:
 
 
 def scatter_rows(idx_BN: torch.Tensor, w_BN: torch.Tensor, y_BD: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``out[r] = sum over (b, n) with idx[b, n] == r of w[b, n] * y[b]``, as a sparse [R, B] x dense [B, D] product.
-
-    This is the weight gradient of a row gather (``embedding_bag``) and of the
-    encoder restricted to the active latents. The sparse matrix is built in CSR
-    form directly from one sort of the indices (no COO coalesce); CSR @ dense was
-    the fastest sparse-dense product measured on this CPU (about 2x COO).
-    """
-    B, N = idx_BN.shape
-    flat_idx = idx_BN.reshape(-1)
-    order = torch.argsort(flat_idx)
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=idx_BN.device)
-    torch.cumsum(torch.bincount(flat_idx, minlength=n_rows), 0, out=crow[1:])
-    col = torch.div(order, N, rounding_mode="floor")
-    with warnings.catch_warnings():
-        # torch warns that CSR is "beta"; the one op used here is tested against the dense reference.
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        m_RB = torch.sparse_csr_tensor(crow, col, w_BN.reshape(-1)[order], (n_rows, B), check_invariants=False)
-        return m_RB @ y_BD
+    """``out[r] = sum over (b, n) with idx[b, n] == r of w[b, n] * y[b]`` (see ``_Layout.scatter``)."""
+    return _Layout(idx_BN, n_rows).scatter(w_BN, y_BD)
 
 
 def geometric_median(x_ND: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
@@ -216,6 +318,8 @@ class SparseAutoencoder(nn.Module):
             raise FcsaeInputError(f"cfg: expected an SAEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.fast = fast
+        self.encoder_bf16 = False
+        """Fast path: rank latents by bf16 pre-activations (values stay fp32); set by the trainer."""
         D, Fn = cfg.d_in, cfg.dict_size
         gen = torch.Generator().manual_seed(seed)
         W_dec_FD = torch.randn(Fn, D, generator=gen)
@@ -279,9 +383,16 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction [B, D] from dense latents [B, F]."""
         return torch.addmm(self.b_dec, latents_BF, self.W_dec)
 
-    def decode_sparse(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """Reconstruction [B, D] from the k active latents only (``embedding_bag`` over decoder rows)."""
-        out_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK, mode="sum")
+    def decode_sparse(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor, bias: bool = True,
+                      layout: _Layout | None = None) -> torch.Tensor:
+        """Reconstruction [B, D] from the k active latents only (``embedding_bag`` over decoder rows).
+
+        ``layout`` (the encoder's, for the same ``idx_BK``) makes the backward reuse its sort.
+        """
+        if layout is not None:
+            out_BD = _SparseDecode.apply(acts_BK, self.W_dec, layout)
+        else:
+            out_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK, mode="sum")
         return out_BD + self.b_dec if bias else out_BD
 
     def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
@@ -303,16 +414,17 @@ class SparseAutoencoder(nn.Module):
         a = min(auxk, n_dead)
         n = batch_n(self.cfg.k, len(x_BD)) if self.batch else 0
         if self.fast:
+            lay = _Layouts()
             vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = _TopKEncode.apply(
-                x_BD - self.b_dec, self.W_enc.t(), self.b_enc, self.cfg.k,
-                dead_mask_F if a > 0 else None, a, n)
+                x_BD, self.b_dec, self.W_enc.t(), self.b_enc, self.cfg.k,
+                dead_mask_F if a > 0 else None, a, n, lay, self.encoder_bf16)
             acts_BK = F.relu(vals_BK)
             if self.widths is not None:
                 prefix_BLD = self.decode_prefixes(acts_BK, idx_BK)
                 out = ForwardOutput(prefix_BLD[:, -1], acts_BK, idx_BK, None, prefix_BLD)
             else:
-                out = ForwardOutput(self.decode_sparse(acts_BK, idx_BK), acts_BK, idx_BK, None)
-            aux = AuxOutput(F.relu(aux_vals_BA), aux_idx_BA) if a > 0 else None
+                out = ForwardOutput(self.decode_sparse(acts_BK, idx_BK, layout=lay.main), acts_BK, idx_BK, None)
+            aux = AuxOutput(F.relu(aux_vals_BA), aux_idx_BA, lay.aux) if a > 0 else None
             return out, aux
         pre_BF = self.pre_acts(x_BD)
         if self.batch:
@@ -329,6 +441,7 @@ class SparseAutoencoder(nn.Module):
             out = ForwardOutput(self.decode(latents_BF), acts_BK, idx_BK, None)
         if a == 0:
             return out, None
+        # The reference keeps AuxK's full-width form (live latents masked to -inf), which dead_topk must equal.
         aux_vals_BA, aux_idx_BA = pre_BF.masked_fill(~dead_mask_F, float("-inf")).topk(a, dim=1, sorted=False)
         return out, AuxOutput(F.relu(aux_vals_BA), aux_idx_BA)
 
@@ -365,7 +478,7 @@ class SparseAutoencoder(nn.Module):
     def decode_aux(self, aux: AuxOutput) -> torch.Tensor:
         """Reconstruction of the residual by the auxiliary latents (no decoder bias)."""
         if self.fast:
-            return self.decode_sparse(aux.acts_BA, aux.idx_BA, bias=False)
+            return self.decode_sparse(aux.acts_BA, aux.idx_BA, bias=False, layout=aux.layout)
         lat_BF = aux.acts_BA.new_zeros(aux.acts_BA.shape[0], self.cfg.dict_size).scatter(1, aux.idx_BA, aux.acts_BA)
         return lat_BF @ self.W_dec
 
@@ -455,3 +568,19 @@ def read_cfg(path: str | os.PathLike) -> SAEConfig:
     if (raw.get("d_in"), raw.get("d_sae"), raw.get("architecture")) != (cfg.d_in, cfg.dict_size, saelens_architecture(cfg.activation)):
         raise FcsaeInputError(f"{f}: d_in/d_sae/architecture disagree with the fcsae section")
     return cfg
+
+
+def bf16_encoder_pays(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 pre-activations are faster than fp32 here: CUDA with bf16 support, or a CPU with AMX-BF16 or
+    AVX512-BF16 (measured 4.2x on the encoder matmul with AMX; on AVX2-only CPUs bf16 matmul is several times slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags

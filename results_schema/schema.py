@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -101,6 +101,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("eval.absorption_train_fraction", F64),
     ("sae.matryoshka_groups", STR), ("sae.matryoshka_weights", STR), ("trainer.threshold_decay", F64),
     ("eval.absorption_probe", STR), ("eval.absorption_bootstrap", I64),
+    ("trainer.bf16_encoder", STR),
 ]
 """Config columns: dotted config field -> pyarrow type. Every scalar field of every config section has one
 (``tests/results_schema/test_schema_version.py`` checks it); the column's docstring is the field's own."""
