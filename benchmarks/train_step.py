@@ -205,6 +205,10 @@ def main() -> int:
         return 2
     print(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    from fcsae.sae import bf16_encoder_pays
+
+    print(f"fcsae: TrainerConfig.bf16_encoder='auto' -> bf16-ranked encoder {'on' if bf16_encoder_pays('cpu') else 'off'} "
+          "on this CPU (on needs AMX-BF16 or AVX512-BF16)", flush=True)
     pythons = _find_anchors(not args.no_build)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
