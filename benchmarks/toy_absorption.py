@@ -52,8 +52,7 @@ def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = 
                          warmup_steps=50, resample_every=args.resample_every, resample_until=0.7,
                          buffer_tokens=8 * args.batch_size, dead_tokens=50 * args.batch_size, seed=seed,
                          log_every=args.steps, threshold_decay=args.threshold_decay)
-    sae_cfg = SAEConfig(d_in=d, dict_size=args.dict_size, activation=activation, k=k,
-                        matryoshka_groups=args.matryoshka_groups if activation == "matryoshka" else "")
+    sae_cfg = SAEConfig(d_in=d, dict_size=args.dict_size, activation=activation, k=k, **matryoshka_kw(args, activation))
     sae = SparseAutoencoder(sae_cfg, seed=seed)
     split = SplitConfig(criterion=criterion, rule=args.rule, z=args.z, top_fraction=args.top_fraction)
     tracker = TrackerConfig(enabled=True, consistency=args.consistency, weighting=args.weighting)
@@ -75,6 +74,13 @@ def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = 
             "auroc_1mc": auroc(1 - sc.consistency_F, res.absorber_L, alive)}
 
 
+def matryoshka_kw(args, activation: str) -> dict:
+    """The Matryoshka prefix fields of ``SAEConfig`` from the flags (none for other activations)."""
+    if activation != "matryoshka":
+        return {}
+    return {"matryoshka_groups": args.matryoshka_groups, "matryoshka_weights": args.matryoshka_weights}
+
+
 def fmt(vals: list[float]) -> str:
     """mean +- std, ignoring nans (with the count of finite values when some are nan)."""
     ok = [v for v in vals if not math.isnan(v)]
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--k", default="4", help="comma-separated k values (fractional for batchtopk/matryoshka only)")
     ap.add_argument("--activation", default="topk", help="comma-separated subset of topk, batchtopk, matryoshka")
     ap.add_argument("--matryoshka-groups", default="", help="SAEConfig.matryoshka_groups (default: the SAEBench fractions)")
+    ap.add_argument("--matryoshka-weights", default="", help="SAEConfig.matryoshka_weights (default: equal)")
     ap.add_argument("--threshold-decay", type=float, default=0.99, help="TrainerConfig.threshold_decay")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--resample-every", type=int, default=250)
@@ -114,8 +121,7 @@ def main() -> None:
     cells = [(a, k, c) for a in activations for k in ks for c in criteria]
     for a, k, _ in cells:  # refuse a bad architecture/k before training anything
         try:
-            SAEConfig(d_in=2, dict_size=args.dict_size, activation=a, k=k,
-                      matryoshka_groups=args.matryoshka_groups if a == "matryoshka" else "")
+            SAEConfig(d_in=2, dict_size=args.dict_size, activation=a, k=k, **matryoshka_kw(args, a))
         except FcsaeInputError as e:
             print(f"toy_absorption: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -127,9 +133,8 @@ def main() -> None:
           f"top_fraction {args.top_fraction}; tracker consistency {args.consistency}, weighting {args.weighting}; "
           f"threshold_decay {args.threshold_decay}; seeds 0..{args.seeds - 1}")
     if "matryoshka" in activations:
-        widths = SAEConfig(d_in=2, dict_size=args.dict_size, activation="matryoshka", k=ks[0],
-                           matryoshka_groups=args.matryoshka_groups).matryoshka_widths
-        print(f"matryoshka prefixes: {widths}")
+        mcfg = SAEConfig(d_in=2, dict_size=args.dict_size, activation="matryoshka", k=ks[0], **matryoshka_kw(args, "matryoshka"))
+        print(f"matryoshka prefixes: {mcfg.matryoshka_widths}, weights {tuple(round(w, 3) for w in mcfg.matryoshka_level_weights)}")
     rows: dict[tuple, list[dict]] = {cell: [] for cell in cells}
     true_l0 = []
     t0 = time.perf_counter()

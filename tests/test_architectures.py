@@ -210,3 +210,19 @@ def test_cli_bad_architecture_input_exit_2(fake_cache, tmp_path, capsys, flags, 
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # ~15 s of CPU: two subprocesses building the 65k-sample toy
+def test_toy_benchmark_architecture_axis_ends_with_its_headline(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_absorption.py"
+    run = subprocess.run([sys.executable, str(script), "--activation", "topk,matryoshka", "--criteria", "none", "--k", "4,2",
+                          "--seeds", "1", "--steps", "15", "--resample-every", "0"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("toy_architectures: ratio=") and "at k=2, below the true L0" in last
+    bad = subprocess.run([sys.executable, str(script), "--activation", "topk", "--k", "2.5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "topk keeps a whole number" in bad.stderr and bad.stdout.count("\n") == 0
