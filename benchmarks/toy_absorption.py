@@ -45,8 +45,9 @@ def auroc(score_L: torch.Tensor, positive_L: torch.Tensor, mask_L: torch.Tensor)
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
 
 
-def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = "topk", k: float = 4) -> dict:
-    """Train one SAE and measure it."""
+def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = "topk", k: float = 4,
+        keep_sae: bool = False) -> dict:
+    """Train one SAE and measure it (``keep_sae``: also return the SAE, its absorbers and parent latents)."""
     d = toy_train.x_ND.shape[1]
     tcfg = TrainerConfig(lr=args.lr, batch_size=args.batch_size, total_tokens=args.steps * args.batch_size,
                          warmup_steps=50, resample_every=args.resample_every, resample_until=0.7,
@@ -68,7 +69,8 @@ def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = 
     res = measure_absorption(sae, toy_test)
     sc = trainer.tracker.scores()
     alive = sc.count_F > 0
-    return {**res.summary, "fve": fve, "l0": l0, "events": len(events),
+    kept = {"sae": sae, "absorber_L": res.absorber_L, "parent_latents": [p["latent"] for p in res.per_parent]} if keep_sae else {}
+    return {**res.summary, **kept, "fve": fve, "l0": l0, "events": len(events),
             "auroc_s": auroc(sc.score_F, res.absorber_L, alive),
             "auroc_f": auroc(sc.freq_F, res.absorber_L, alive),
             "auroc_1mc": auroc(1 - sc.consistency_F, res.absorber_L, alive)}
