@@ -52,7 +52,8 @@ def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = 
     tcfg = TrainerConfig(lr=args.lr, batch_size=args.batch_size, total_tokens=args.steps * args.batch_size,
                          warmup_steps=50, resample_every=args.resample_every, resample_until=0.7,
                          buffer_tokens=8 * args.batch_size, dead_tokens=50 * args.batch_size, seed=seed,
-                         log_every=args.steps, threshold_decay=args.threshold_decay)
+                         log_every=args.steps, threshold_decay=args.threshold_decay,
+                         bf16_encoder="off")  # exact fp32 ranking: the toy is tiny, bf16 buys nothing there
     sae_cfg = SAEConfig(d_in=d, dict_size=args.dict_size, activation=activation, k=k, **matryoshka_kw(args, activation))
     sae = SparseAutoencoder(sae_cfg, seed=seed)
     split = SplitConfig(criterion=criterion, rule=args.rule, z=args.z, top_fraction=args.top_fraction)
