@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 assets: venv
 	$(BIN)/fcsae prepare
 
+# A rerun continues (or, when finished, just reprints) the earlier experiment: it never deletes work.
 demo: assets
-	$(BIN)/fcsae-sweep --space search_spaces/quickstart.yaml --restart
+	$(BIN)/fcsae-sweep --space search_spaces/quickstart.yaml $$(test -f experiments/quickstart/sweep.json && echo --resume)
 
 test: assets
 	$(BIN)/python -m pytest -q tests

@@ -106,7 +106,8 @@ def parameter_importance(trials: pl.DataFrame, metric: str = DEFAULT_METRIC) -> 
     Numeric parameters with more than 3 distinct values: Spearman rank
     correlation (``effect`` in [-1, 1], its sign the direction). Categorical or
     few-valued ones: eta squared, the share of the metric's variance between
-    the parameter's groups (``effect`` in [0, 1]). Sorted by |effect|.
+    the parameter's groups (``effect`` in [0, 1]); NaN with a ``measure`` saying
+    why when it would be meaningless (one trial per value, too few trials). Sorted by |effect|.
     """
     if metric not in trials.columns:
         raise FcsaeInputError(f"--metric: {metric!r} is not a column of the trial table")
@@ -118,6 +119,8 @@ def parameter_importance(trials: pl.DataFrame, metric: str = DEFAULT_METRIC) -> 
         numeric = d.schema[p].is_numeric() and n_values > 3
         if d.height < 3 or n_values < 2:
             effect, kind = float("nan"), "constant" if n_values < 2 else "too few trials"
+        elif not numeric and d.height == n_values:  # every group one trial: eta squared is 1 by construction
+            effect, kind = float("nan"), "meaningless: one trial per value"
         elif numeric:
             effect = float(d.select(pl.corr(p, metric, method="spearman")).item())
             kind = "spearman"

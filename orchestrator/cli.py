@@ -31,8 +31,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a private local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an existing experiment")
-    g.add_argument("--restart", action="store_true", help="delete an existing experiment and start over")
+    g.add_argument("--resume", action="store_true", help="continue an existing experiment (a complete one just prints "
+                   "its table again)")
+    g.add_argument("--restart", action="store_true", help="delete an existing experiment's sweep outputs (results, trials, Ray state) and "
+                   "start over; other files there (a report, your notes) stay")
     p.add_argument("--fail-fast", action="store_true", help="stop the whole sweep at the first failed trial (debugging)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a trial whose worker or node died, from its last checkpoint (default 2)")
@@ -65,15 +67,14 @@ def _choose_mode(args, root: Path) -> str:
 
 
 def _print_summary(spec, root: Path) -> None:
-    import polars as pl
-
-    from orchestrator.progress import summary_table
+    from fcsae.report.summary import arm_keys, summary_text
     from orchestrator.trainable import ExperimentPaths
     from results_schema.reader import scan_results
 
     rows = scan_results(ExperimentPaths(root).results).collect()
-    with pl.Config(tbl_rows=50, tbl_cols=20, tbl_width_chars=200, float_precision=4, tbl_hide_dataframe_shape=True):
-        print(summary_table(rows, spec))
+    # Print the follow-up commands the way this one was called (`.venv/bin/fcsae-sweep` -> `.venv/bin/fcsae-report`).
+    prefix = f"{Path(sys.argv[0]).parent}/" if "/" in sys.argv[0] else ""
+    print(summary_text(rows, arm_keys([n for n, _ in spec.grid], rows), root, prefix))
 
 
 def sweep_main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Progress of a sweep: a live rich table while it runs, a polars summary when it ends.
+"""Progress of a sweep: a live rich table while it runs (the final summary is ``fcsae.report.summary``).
 
 ``SweepProgress`` is a Ray Tune callback (it runs in the driver). On a
 terminal it keeps a rich ``Live`` table (running / done / failed / pruned,
@@ -13,7 +13,6 @@ import math
 import sys
 from typing import Any
 
-import polars as pl
 from ray.tune import Callback
 
 from orchestrator.space import SweepSpec
@@ -128,22 +127,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-SUMMARY_METRICS = ("core.explained_variance", "core.l0", "core.ce_loss_score", "absorption.mean_absorption_fraction",
-                   "absorption.mean_full_absorption", "absorption.mean_num_split_features", "n_split_events")
-"""Metrics averaged in the final table (plus the objectives)."""
-
-
-def summary_table(rows: pl.DataFrame, spec: SweepSpec) -> pl.DataFrame:
-    """Criterion (and other grid axes except the seed) x key metrics: mean over ok trials, with counts per status."""
-    keys = [n for n, _ in spec.grid if n != "trainer.seed"] or ["split.criterion"]
-    metrics = list(dict.fromkeys([o.metric for o in spec.objectives] + list(SUMMARY_METRICS)))
-    metrics = [m for m in metrics if m in rows.columns]
-    ok = pl.col("status") == "ok"
-    aggs = [pl.len().alias("trials"), ok.sum().alias("ok"), (pl.col("status") == "failed").sum().alias("failed")]
-    aggs += [pl.col(m).filter(ok).mean().alias(m) for m in metrics]
-    table = rows.group_by(keys).agg(aggs).sort(keys)
-    # Metrics no trial produced (an eval switched off) are dropped; prefixes shortened for the terminal.
-    table = table.select([c for c in table.columns if c in keys or table[c].null_count() < table.height])
-    return table.rename({c: c.split(".", 1)[1] for c in table.columns if c not in keys and "." in c})

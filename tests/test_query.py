@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -154,3 +155,12 @@ def test_nothing_readable_is_an_input_error(tmp_path):
     (tmp_path / "bad" / "t0.parquet").write_text("garbage")
     with pytest.raises(FcsaeInputError, match="t0.parquet"):
         load_tables(tmp_path / "bad")
+
+
+def test_importance_says_when_eta_squared_is_meaningless(tmp_path):
+    """One trial per criterion (the quickstart) makes eta squared 1.0 by construction: reported as NaN with the reason."""
+    trials = pl.DataFrame({"status": ["ok"] * 3, "split.criterion": ["none", "dead", "fc"],
+                           "searched_params": [["split.criterion"]] * 3,
+                           "absorption.mean_absorption_fraction": [0.01, 0.02, 0.015]})
+    imp = parameter_importance(trials).row(0, named=True)
+    assert imp["measure"] == "meaningless: one trial per value" and math.isnan(imp["effect"])

@@ -129,8 +129,17 @@ def test_existing_experiment_needs_resume_or_restart(tmp_path):
     assert driver.setup_experiment(spec, exp, "resume") == (sweep_id, True)
     with pytest.raises(FcsaeInputError, match="search space changed"):
         driver.setup_experiment(_spec(num_samples=8), exp, "resume")
+    (exp / "results").mkdir(exist_ok=True)
+    (exp / "results" / "t1.parquet").write_bytes(b"x")
+    (exp / "trials" / "t1").mkdir(parents=True, exist_ok=True)
+    (exp / "report").mkdir()
+    (exp / "report" / "report.md").write_text("old report")
+    (exp / "notes.txt").write_text("mine")
     new_id, resuming = driver.setup_experiment(spec, exp, "restart")
     assert new_id != sweep_id and not resuming
+    # Restart deletes only what the sweep wrote: the report and the user's file stay.
+    assert not (exp / "results").exists() and not (exp / "trials").exists()
+    assert (exp / "notes.txt").read_text() == "mine" and (exp / "report" / "report.md").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "precious.txt").write_text("x")
