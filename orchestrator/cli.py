@@ -6,6 +6,7 @@ Ray is imported lazily by the driver, so ``--help`` and validation errors are fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -73,7 +74,12 @@ def _print_summary(spec, root: Path) -> None:
 
     rows = scan_results(ExperimentPaths(root).results).collect()
     # Print the follow-up commands the way this one was called (`.venv/bin/fcsae-sweep` -> `.venv/bin/fcsae-report`).
-    prefix = f"{Path(sys.argv[0]).parent}/" if "/" in sys.argv[0] else ""
+    prefix = ""
+    if "/" in sys.argv[0]:
+        bin_dir = Path(sys.argv[0]).parent
+        with contextlib.suppress(ValueError):
+            bin_dir = bin_dir.resolve().relative_to(Path.cwd().resolve())
+        prefix = f"{bin_dir}/"
     print(summary_text(rows, arm_keys([n for n, _ in spec.grid], rows), root, prefix))
 
 

@@ -421,6 +421,11 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
     experiment.prepare_root(root)
     with experiment.ExperimentLock(root) as lock:
         sweep_id, resuming = setup_experiment(spec, root, mode)
+        before = count_rows(root, spec.num_samples)
+        n_before = sum(before[s] for s in ("ok", "failed", "pruned"))
+        if resuming and n_before >= spec.num_samples:  # a rerun of a finished sweep (make demo twice): no Ray
+            log.info("%s is complete (%d of %d trials have rows): nothing to run", root, n_before, spec.num_samples)
+            return SweepOutcome(root, sweep_id, before, True)
         try:
             shared = prepare_shared(spec, root)
         except FcsaeInputError:

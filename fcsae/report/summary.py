@@ -124,7 +124,7 @@ def verdict(frame: pl.DataFrame, keys: list[str]) -> str:
     if "meaningful" in d.columns and d["meaningful"].drop_nulls().len() and not d["meaningful"].drop_nulls().all():
         caveat = " Caution: the absorption eval flags these results as not meaningful (too few letters with a latent)."
     if d["lo"].null_count():
-        return ("Verdict: one trial per arm and no interval, so the differences below cannot be told from noise; "
+        return ("Verdict: one trial per arm and no interval, so the differences above cannot be told from noise; "
                 "do not rank the arms on this run (add seeds: trainer.seed to the grid)." + caveat)
     names = [" ".join(str(r[k]) for k in keys) for r in d.iter_rows(named=True)]
     base_i = next((i for i, r in enumerate(d.iter_rows(named=True)) if r.get(keys[0]) == BASELINE), 0)
