@@ -192,6 +192,28 @@ def _run_shards(cfg: HarvestConfig, lm, rows_RT: torch.Tensor, out: Path, fields
     return shards
 
 
+def matching_caches(cfg: HarvestConfig) -> list[Path]:
+    """Complete caches of the same data as ``cfg`` except its size (``tokens``, ``shard_tokens``), largest first.
+
+    ``fcsae train --model`` reuses the first instead of harvesting anew when no
+    size is asked for (a sweep's cache serves a single training run).
+    """
+    root = cache_dir("activations")
+    if not root.is_dir():
+        return []
+    want = {k: v for k, v in key_fields(cfg, corpus.fingerprint(cfg.corpus)).items()
+            if k not in ("tokens", "shard_tokens", "corpus")}
+    found = []
+    for manifest in root.glob(f"*/{MANIFEST}"):
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: m.get(k) for k in want} == want and isinstance(m.get("n_tokens"), int):
+            found.append((m["n_tokens"], manifest.parent))
+    return [p for _, p in sorted(found, key=lambda t: (-t[0], str(t[1])))]
+
+
 def harvest(cfg: HarvestConfig, lm=None, progress: bool = True) -> Path:
     """Run the model once over the corpus and cache ``cfg.tokens`` activations; returns the cache dir.
 

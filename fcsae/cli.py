@@ -9,8 +9,10 @@ Bad input raises ``FcsaeInputError``; ``main`` prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from fcsae.errors import FcsaeInputError
 
@@ -35,26 +37,37 @@ def _run_prepare(args) -> int:
     return 0
 
 
-def _add_harvest(sub) -> None:
-    from fcsae.config import DEFAULT_LAYER, DEFAULT_MODEL
+def default(cls, name: str):
+    """The default of config field ``cls.name`` (help texts quote the dataclasses, never a copy)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
+
+def _add_harvest(sub) -> None:
+    from fcsae.config import HarvestConfig, LMConfig
+
+    h = lambda name: default(HarvestConfig, name)  # noqa: E731
     p = sub.add_parser(
         "harvest",
         help="run the model once and cache residual-stream activations on disk",
         description="Harvest activations at blocks.LAYER.hook_resid_post into sharded files under "
         "$FCSAE_HOME/activations. A second harvest with the same key is a cache hit; an interrupted "
-        "one resumes from its last complete shard.",
+        "one resumes from its last complete shard. Prints the cache directory.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model short name, HF/TransformerLens name or local dir (default {DEFAULT_MODEL})")
-    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help=f"residual layer (default {DEFAULT_LAYER})")
-    p.add_argument("--tokens", type=int, default=200_000, help="activation vectors to store (default 200000)")
-    p.add_argument("--corpus", default="offline", help="'offline', a local text/parquet/json file, or a datasets hub name")
-    p.add_argument("--context-len", type=int, default=128, help="tokens per packed context (default 128)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help="dtype the model runs in: float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
-    p.add_argument("--shard-tokens", type=int, default=65_536, help="activation vectors per shard file (default 65536)")
-    p.add_argument("--store-dtype", default="float16", help="on-disk dtype: float16 or bfloat16 (default float16)")
+    p.add_argument("--model", default=default(LMConfig, "model"),
+                   help="model short name, HF/TransformerLens name or local dir (default %(default)s)")
+    p.add_argument("--layer", type=int, default=default(LMConfig, "layer"), help="residual layer (default %(default)s)")
+    p.add_argument("--harvest-tokens", "--tokens", dest="harvest_tokens", type=int, default=h("tokens"),
+                   help="activation vectors to store (default %(default)s)")
+    p.add_argument("--corpus", default=h("corpus"), help="'offline', a local text/parquet/json file, or a datasets hub name "
+                   "(default %(default)s)")
+    p.add_argument("--context-len", type=int, default=h("context_len"), help="tokens per packed context (default %(default)s)")
+    p.add_argument("--device", default=default(LMConfig, "device"), help="torch device (default %(default)s)")
+    p.add_argument("--dtype", default=default(LMConfig, "dtype"),
+                   help="dtype the model runs in: float32, bfloat16 or float16 (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=h("batch_size"), help="contexts per forward pass (default %(default)s)")
+    p.add_argument("--shard-tokens", type=int, default=h("shard_tokens"), help="activation vectors per shard file (default %(default)s)")
+    p.add_argument("--store-dtype", default=h("store_dtype"), help="on-disk dtype: float16 or bfloat16 (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_harvest)
 
@@ -65,7 +78,7 @@ def _run_harvest(args) -> int:
 
     cfg = HarvestConfig(
         lm=LMConfig(model=args.model, layer=args.layer, device=args.device, dtype=args.dtype),
-        corpus=args.corpus, tokens=args.tokens, context_len=args.context_len, batch_size=args.batch_size,
+        corpus=args.corpus, tokens=args.harvest_tokens, context_len=args.context_len, batch_size=args.batch_size,
         shard_tokens=args.shard_tokens, store_dtype=args.store_dtype,
     )
     path = activations.harvest(cfg, progress=not args.no_progress)
@@ -73,40 +86,60 @@ def _run_harvest(args) -> int:
     return 0
 
 
-def _add_train(sub) -> None:
-    from fcsae.config import DEFAULT_LAYER, DEFAULT_MODEL
+TRAIN_FLAGS = (  # (flag, section, field, type): the config fields `fcsae train` sets directly
+    ("--dict-size", "sae", "dict_size", int), ("--k", "sae", "k", float), ("--activation", "sae", "activation", str),
+    ("--matryoshka-groups", "sae", "matryoshka_groups", str),
+    ("--criterion", "split", "criterion", str), ("--lr", "trainer", "lr", float),
+    ("--train-tokens", "trainer", "total_tokens", int), ("--batch-size", "trainer", "batch_size", int),
+    ("--seed", "trainer", "seed", int), ("--device", "trainer", "device", str),
+)
+"""Flags of ``fcsae train`` that override one config field each (help and default come from the field)."""
+TRAIN_NOTES = {
+    "k": "active latents per token: an integer for topk, the batch average (may be fractional) for batchtopk/matryoshka",
+    "matryoshka_groups": "matryoshka prefixes: widths '128,512,4096' or group fractions '1/4,3/4'; "
+                         "empty = 1/32,1/16,1/8,1/4,rest",
+}
+"""What a ``TRAIN_FLAGS`` field means where its dotted name does not say it."""
 
+
+def _add_train(sub) -> None:
+    from fcsae import config as C
+
+    classes = {"sae": C.SAEConfig, "trainer": C.TrainerConfig, "split": C.SplitConfig}
+    allowed = {"activation": C.ACTIVATIONS, "criterion": C.CRITERIA}
     p = sub.add_parser(
         "train", help="train one SAE on cached activations",
-        description="Train one SAE (relu, topk, batchtopk or matryoshka) on an activation cache: --cache PATH, or --model/--layer "
-        "(harvested first, a cache hit when already there). Settings come from --config YAML (sections sae, "
-        "trainer, split, tracker; keys as in fcsae.config) and the flags below, which override it. Writes "
-        "OUT/sae (safetensors + cfg.json), OUT/events.jsonl, OUT/train.json; resumes from OUT/checkpoint.",
+        description=f"Train one SAE ({', '.join(C.ACTIVATIONS)}) on an activation cache: --cache PATH, or --model/--layer (reuses the largest "
+        "matching cache already harvested, e.g. a sweep's; harvests one when there is none or --harvest-tokens is "
+        "given). Settings come from --config YAML (sections sae, trainer, split, tracker; keys as in fcsae.config) "
+        "and the flags below, which override it; defaults are fcsae.config's. Writes OUT/sae (safetensors + "
+        "cfg.json), OUT/events.jsonl, OUT/train.json; resumes from OUT/checkpoint.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--cache", default=None, help="activation cache directory (from `fcsae harvest`)")
-    src.add_argument("--model", default=None, help=f"harvest (or reuse) the cache of this model (default {DEFAULT_MODEL})")
-    p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help=f"with --model: residual layer (default {DEFAULT_LAYER})")
-    p.add_argument("--harvest-tokens", type=int, default=200_000, help="with --model: activation vectors to harvest")
-    p.add_argument("--corpus", default="offline", help="with --model: corpus to harvest ('offline', a local file, a datasets name)")
-    p.add_argument("--context-len", type=int, default=128, help="with --model: tokens per packed context (default 128)")
+    src.add_argument("--model", default=None, help=f"use (or harvest) the cache of this model (default {C.DEFAULT_MODEL})")
+    p.add_argument("--layer", type=int, default=C.DEFAULT_LAYER, help="with --model: residual layer (default %(default)s)")
+    p.add_argument("--harvest-tokens", type=int, default=None,
+                   help="with --model: harvest exactly this many activation vectors (default: reuse the largest "
+                   f"matching cache, else harvest {default(C.HarvestConfig, 'tokens')})")
+    p.add_argument("--corpus", default=default(C.HarvestConfig, "corpus"),
+                   help="with --model: corpus to harvest ('offline', a local file, a datasets name; default %(default)s)")
+    p.add_argument("--context-len", type=int, default=default(C.HarvestConfig, "context_len"),
+                   help="with --model: tokens per packed context (default %(default)s)")
     p.add_argument("--config", default=None, help="YAML file with sections sae, trainer, split, tracker")
-    p.add_argument("--dict-size", type=int, default=None, help="number of latents")
-    p.add_argument("--k", type=float, default=None,
-                   help="active latents per token (an integer for topk; the batch average, may be fractional, for batchtopk/matryoshka)")
-    p.add_argument("--activation", default=None, help="topk, batchtopk, matryoshka or relu")
-    p.add_argument("--matryoshka-groups", default=None,
-                   help="matryoshka prefixes: widths '128,512,4096' or group fractions '1/4,3/4' (default 1/32,1/16,1/8,1/4,rest)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens (trainer.total_tokens)")
-    p.add_argument("--batch-size", type=int, default=None, help="tokens per step")
-    p.add_argument("--seed", type=int, default=None, help="seed for init, data order and resampling")
-    p.add_argument("--device", default=None, help="torch device of the SAE (default cpu)")
+    for flag, section, name, typ in TRAIN_FLAGS:
+        doc = f"{section}.{name}"
+        choices = f"; one of {', '.join(allowed[name])}" if name in allowed else ""
+        p.add_argument(flag, type=typ, default=None, dest=name, metavar=flag[2:].upper().replace("-", "_"),
+                       help=f"{doc}{': ' + TRAIN_NOTES[name] if name in TRAIN_NOTES else ''} "
+                       f"(default {default(classes[section], name) or repr(default(classes[section], name))}{choices})")
+    p.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)  # ambiguous here: refused with a hint
     p.add_argument("--out", default=None, help="output directory (default $FCSAE_HOME/runs/<cache>-<activation>-<dict>)")
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint and start afresh")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: OMP_NUM_THREADS if set, else the cores the load average leaves "
                         "free, at least 1; see fcsae.threads and docs/training.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
@@ -129,14 +162,28 @@ def _train_sections(args) -> dict:
         if unknown:
             raise FcsaeInputError(f"--config: unknown section {unknown[0]!r}; allowed: sae, trainer, split, tracker")
     sections = {name: dict(sections.get(name) or {}) for name in ("sae", "trainer", "split", "tracker")}
-    for section, key, value in (("sae", "dict_size", args.dict_size), ("sae", "k", args.k),
-                                ("sae", "activation", args.activation), ("sae", "matryoshka_groups", args.matryoshka_groups),
-                                ("trainer", "lr", args.lr),
-                                ("trainer", "total_tokens", args.tokens), ("trainer", "batch_size", args.batch_size),
-                                ("trainer", "seed", args.seed), ("trainer", "device", args.device)):
-        if value is not None:
-            sections[section][key] = value
+    for _, section, key, _ in TRAIN_FLAGS:
+        if getattr(args, key) is not None:
+            sections[section][key] = getattr(args, key)
     return sections
+
+
+def _train_cache(args) -> str:
+    """The cache to train on: --cache, else a matching one already harvested, else a fresh harvest."""
+    from fcsae import activations
+    from fcsae.config import DEFAULT_MODEL, HarvestConfig, LMConfig
+
+    if args.cache:
+        return args.cache
+    lm_cfg = LMConfig(model=args.model or DEFAULT_MODEL, layer=args.layer)
+    if args.harvest_tokens is None:
+        found = activations.matching_caches(HarvestConfig(lm=lm_cfg, corpus=args.corpus, context_len=args.context_len))
+        if found:
+            logging.getLogger("fcsae.cli").info("reusing activation cache %s (pass --harvest-tokens N for a new one)", found[0])
+            return str(found[0])
+    tokens = args.harvest_tokens or default(HarvestConfig, "tokens")
+    hcfg = HarvestConfig(lm=lm_cfg, corpus=args.corpus, tokens=tokens, context_len=args.context_len)
+    return str(activations.harvest(hcfg, progress=not args.no_progress))
 
 
 def _run_train(args) -> int:
@@ -145,6 +192,9 @@ def _run_train(args) -> int:
     from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
     from fcsae.paths import cache_dir
 
+    if args.tokens is not None:
+        raise FcsaeInputError("--tokens: ambiguous in `fcsae train`; use --train-tokens (training budget) "
+                              "or --harvest-tokens (activation vectors to harvest)")
     from fcsae.threads import set_threads
 
     s = _train_sections(args)
@@ -158,14 +208,7 @@ def _run_train(args) -> int:
     tracker_cfg = from_dict(TrackerConfig, s["tracker"], "tracker.")
     from fcsae import activations
 
-    if args.cache:
-        cache_path = args.cache
-    else:
-        from fcsae.config import DEFAULT_MODEL, HarvestConfig, LMConfig
-
-        hcfg = HarvestConfig(lm=LMConfig(model=args.model or DEFAULT_MODEL, layer=args.layer), corpus=args.corpus,
-                             tokens=args.harvest_tokens, context_len=args.context_len)
-        cache_path = activations.harvest(hcfg)
+    cache_path = _train_cache(args)
     cache = activations.ActivationCache(cache_path)
     if "d_in" in sae_d and sae_d["d_in"] != cache.d_in:
         raise FcsaeInputError(f"sae.d_in: config says {sae_d['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")
@@ -175,7 +218,7 @@ def _run_train(args) -> int:
     out = args.out or cache_dir("runs") / f"{cache.path.name}-{sae_cfg.activation}-{sae_cfg.dict_size}"
     try:
         result = train_from_cache(cache_path, sae_cfg, trainer_cfg, split_cfg, tracker_cfg, out,
-                                  callbacks=[LogMetrics()], resume=not args.no_resume)
+                                  callbacks=[LogMetrics()], resume=not args.no_resume, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"fcsae: training diverged: {e}", file=sys.stderr)
         return 1
@@ -185,53 +228,85 @@ def _run_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
+    from fcsae.config import EvalConfig
+
     p = sub.add_parser(
         "eval", help="score a saved SAE (core metrics and first-letter absorption)",
-        description="Score the SAE saved in PATH (from `fcsae train` or SparseAutoencoder.save): reconstruction, "
-        "sparsity and spliced CE/KL scores on held-out text, and the first-letter absorption eval. The model, layer "
-        "and norm_scale come from PATH/../train.json and its activation cache, or from --cache, or from "
-        "--model/--layer/--norm-scale (flags win). Per-(model, layer) baselines are cached under $FCSAE_HOME/evals.",
+        description="Score the SAE saved in PATH (from `fcsae train`, a sweep's trial directory, or "
+        "SparseAutoencoder.save): reconstruction, sparsity and spliced CE/KL scores on held-out text, and the "
+        "first-letter absorption eval. The model, layer and norm_scale come from PATH/../train.json and its "
+        "activation cache, or from --cache, or from --model/--layer/--norm-scale (flags win). For a sweep trial "
+        "(PATH = <experiment>/trials/<id> or its sae/) the eval settings are that trial's, so the numbers match its "
+        "result row; elsewhere fcsae.config.EvalConfig's defaults. Flags override either; the settings used are "
+        "printed and saved. Per-(model, layer) baselines are cached under $FCSAE_HOME/evals.",
     )
-    p.add_argument("path", metavar="PATH", help="directory of a saved SAE (sae_weights.safetensors + cfg.json)")
+    p.add_argument("path", metavar="PATH", help="a saved SAE directory (sae_weights.safetensors + cfg.json) or a trial directory")
     p.add_argument("--cache", default=None, help="activation cache the SAE was trained on (gives model, layer, norm_scale)")
     p.add_argument("--model", default=None, help="model name or directory (overrides the cache's)")
     p.add_argument("--layer", type=int, default=None, help="residual layer (overrides the cache's)")
     p.add_argument("--norm-scale", type=float, default=None, help="SAE input = raw activation x this (overrides the cache's)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--out", default=None, help="JSON output file (default PATH/eval.json)")
-    p.add_argument("--corpus", default=None, help="text source of the held-out tokens (default: offline)")
-    p.add_argument("--core-tokens", type=int, default=None, help="held-out tokens for the core metrics (default 16384)")
+    p.add_argument("--corpus", default=None, help=f"text source of the held-out tokens (default: the trial's, else {default(EvalConfig, 'corpus')})")
+    p.add_argument("--core-tokens", type=int, default=None,
+                   help=f"held-out tokens for the core metrics (default: the trial's, else {default(EvalConfig, 'core_tokens')})")
     p.add_argument("--absorption-words", type=int, default=None,
-                   help="word budget of the first-letter eval (default 0 = SAEBench's full vocabulary)")
+                   help="word budget of the first-letter eval (default: the trial's, else "
+                   f"{default(EvalConfig, 'absorption_words')} = SAEBench's full vocabulary)")
     p.add_argument("--absorption-probe", default=None, choices=("saebench", "standardized"),
-                   help="ground-truth letter probe (default saebench: one linear layer on raw activations)")
+                   help="ground-truth letter probe (default: the trial's, else "
+                   f"{default(EvalConfig, 'absorption_probe')}: one linear layer on raw activations)")
     p.add_argument("--skip-core", action="store_true", help="skip the core metrics")
     p.add_argument("--skip-absorption", action="store_true", help="skip the absorption eval")
     p.set_defaults(func=_run_eval)
 
 
-def _run_eval(args) -> int:
-    import dataclasses
-    from pathlib import Path
+def _sae_dir(path: Path) -> Path:
+    """PATH itself, or PATH/sae for a trial / `fcsae train` output directory."""
+    return path / "sae" if not (path / "cfg.json").is_file() and (path / "sae" / "cfg.json").is_file() else path
 
+
+def trial_eval_settings(sae_dir: Path) -> tuple[dict, str | None]:
+    """The ``eval.*`` settings of the sweep trial that saved ``sae_dir`` (``<exp>/trials/<id>/sae``), and its id."""
+    from fcsae.config import EvalConfig
+    from results_schema.reader import read_trial
+
+    trial_dir = sae_dir.resolve().parent
+    if trial_dir.parent.name != "trials" or not (trial_dir.parent.parent / "results").is_dir():
+        return {}, None
+    row = read_trial(trial_dir.parent.parent / "results", trial_dir.name)
+    if row is None:
+        return {}, None
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    return {k[5:]: v for k, v in row.items() if k.startswith("eval.") and k[5:] in names and v is not None}, trial_dir.name
+
+
+def _run_eval(args) -> int:
     from fcsae.config import EvalConfig, LMConfig
     from fcsae.evals.report import eval_report, print_report, resolve_target
     from fcsae.io import write_json
     from fcsae.sae import SparseAutoencoder
 
-    sae_dir = Path(args.path)
+    sae_dir = _sae_dir(Path(args.path))
     sae = SparseAutoencoder.load(sae_dir)
     target = resolve_target(sae_dir, cache=args.cache, model=args.model, layer=args.layer, norm_scale=args.norm_scale)
-    overrides = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
-                                   ("absorption_probe", args.absorption_probe),
-                                   ("context_len", target.context_len), ("corpus", args.corpus)) if v is not None}
-    eval_cfg = EvalConfig(**overrides)
+    settings, trial = trial_eval_settings(sae_dir)
+    if not settings and target.context_len is not None:
+        settings["context_len"] = target.context_len
+    flags = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
+                               ("absorption_probe", args.absorption_probe), ("corpus", args.corpus)) if v is not None}
+    eval_cfg = EvalConfig(**{**settings, **flags})
+    source = f"trial {trial}'s result row" if trial else "fcsae.config.EvalConfig defaults"
+    print(f"eval settings: {source}" + (f", flags {', '.join(sorted(flags))}" if flags else "")
+          + f" (core_tokens={eval_cfg.core_tokens}, absorption_words={eval_cfg.absorption_words}, "
+          f"absorption_probe={eval_cfg.absorption_probe}, corpus={eval_cfg.corpus}, context_len={eval_cfg.context_len})")
     lm_cfg = LMConfig(model=target.model, layer=target.layer, device=args.device)
     out = Path(args.out) if args.out else sae_dir / "eval.json"
     report = eval_report(sae, lm_cfg, eval_cfg, target.norm_scale, core=not args.skip_core,
                          absorption=not args.skip_absorption, strict=True)
     report["sae"] = str(sae_dir)
     report["eval_config"] = dataclasses.asdict(eval_cfg)
+    report["eval_config_source"] = source
     write_json(out, report)
     print_report(report)
     print(f"wrote {out}")
@@ -285,10 +360,13 @@ def _run_query(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fcsae`` argument parser with all subcommands."""
+    import fcsae
+
     parser = argparse.ArgumentParser(
         prog="fcsae",
         description="Sparse autoencoders with a frequency-consistency tracker against feature absorption.",
     )
+    parser.add_argument("--version", action="version", version=f"fcsae {fcsae.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare, _add_harvest, _add_train, _add_eval, _add_query):
@@ -298,11 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fcsae``: bad input prints one line and exits 2."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines go above the progress bars, not glued onto them
+            return args.func(args)
     except FcsaeInputError as e:
         print(f"fcsae: error: {e}", file=sys.stderr)
         return 2

@@ -272,7 +272,7 @@ def test_cli_trains(fake_cache, tmp_path, capsys):
     conf.write_text("sae:\n  activation: relu\ntrainer:\n  warmup_steps: 2\n  log_every: 2\n")
     out = tmp_path / "o"
     rc = cli.main(["train", "--cache", str(fake_cache), "--config", str(conf), "--dict-size", "32",
-                   "--tokens", str(B * 6), "--batch-size", str(B), "--out", str(out)])
+                   "--train-tokens", str(B * 6), "--batch-size", str(B), "--out", str(out)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["out"] == str(out)
@@ -304,7 +304,7 @@ def test_cli_divergence_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     path = tmp_path / "cache"
     path.mkdir()
     (path / "fake.json").write_text(json.dumps({"d_in": D}))
-    rc = cli.main(["train", "--cache", str(path), "--dict-size", "32", "--tokens", str(B * 6),
+    rc = cli.main(["train", "--cache", str(path), "--dict-size", "32", "--train-tokens", str(B * 6),
                    "--batch-size", str(B), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "at step 2" in err[-1]
@@ -322,7 +322,7 @@ def test_cli_end_to_end_on_a_real_tiny_cache(tmp_path, monkeypatch, capsys):
     text = write_text_file(tmp_path / "tiny.txt", tiny_texts(80))
     out = tmp_path / "run"
     args = ["train", "--model", str(model_dir), "--layer", "1", "--corpus", str(text), "--context-len", "16",
-            "--harvest-tokens", "512", "--dict-size", "64", "--k", "4", "--tokens", "1024", "--batch-size", "64",
+            "--harvest-tokens", "512", "--dict-size", "64", "--k", "4", "--train-tokens", "1024", "--batch-size", "64",
             "--out", str(out)]
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -333,3 +333,32 @@ def test_cli_end_to_end_on_a_real_tiny_cache(tmp_path, monkeypatch, capsys):
     sae = SparseAutoencoder.load(out / "sae", expect=SAEConfig(d_in=32, dict_size=64, k=4))
     assert cli.main(args) == 0  # resumes from the finished checkpoint: nothing to train, same SAE
     torch.testing.assert_close(SparseAutoencoder.load(out / "sae").W_dec, sae.W_dec)
+    # Without --harvest-tokens the cache just harvested is reused (no new harvest), whatever its size.
+    caches_before = sorted((tmp_path / "home" / "activations").iterdir())
+    reuse = [a for a in args if a not in ("--harvest-tokens", "512")]
+    reuse[reuse.index("--out") + 1] = str(tmp_path / "run2")
+    assert cli.main([*reuse, "--criterion", "fc", "--no-progress"]) == 0
+    assert sorted((tmp_path / "home" / "activations").iterdir()) == caches_before
+    assert json.loads((tmp_path / "run2" / "train.json").read_text())["cache"] == info["cache"]
+
+
+def test_cli_train_refuses_the_ambiguous_tokens_flag(fake_cache, tmp_path, capsys):
+    assert cli.main(["train", "--cache", str(fake_cache), "--tokens", "100", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--train-tokens" in err and "--harvest-tokens" in err and not (tmp_path / "o").exists()
+    assert cli.main(["train", "--cache", str(fake_cache), "--criterion", "bogus", "--out", str(tmp_path / "o")]) == 2
+    assert "criterion: must be one of" in capsys.readouterr().err
+
+
+def test_cli_help_quotes_the_config_defaults(capsys):
+    from fcsae.config import SAEConfig, SplitConfig, TrainerConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"sae.dict_size (default {SAEConfig(d_in=1).dict_size})" in text
+    assert f"trainer.total_tokens (default {TrainerConfig().total_tokens})" in text
+    assert f"split.criterion (default {SplitConfig().criterion};" in text
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("fcsae ")
