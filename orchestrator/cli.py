@@ -36,6 +36,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                    "its table again)")
     g.add_argument("--restart", action="store_true", help="delete an existing experiment's sweep outputs (results, trials, Ray state) and "
                    "start over; other files there (a report, your notes) stay")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished trial's training checkpoint (default: deleted once its row is written; "
+                   "the SAE always stays)")
     p.add_argument("--fail-fast", action="store_true", help="stop the whole sweep at the first failed trial (debugging)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a trial whose worker or node died, from its last checkpoint (default 2)")
@@ -103,7 +106,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
         mode = _choose_mode(args, root)
         outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
                                    fail_fast=args.fail_fast, live=False if args.no_live else None,
-                                   max_failures=args.max_failures)
+                                   max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
     except FcsaeInputError as e:
         print(f"fcsae-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ from fcsae.errors import FcsaeInputError
 from orchestrator import experiment, ray_procs
 from orchestrator.ray_procs import stop_recorded as stop_recorded_ray
 from orchestrator.space import SweepSpec, suggest
-from orchestrator.trainable import ExperimentPaths, load_runner, record_missing_row, run_trial
+from orchestrator.trainable import KEEP_CHECKPOINTS, ExperimentPaths, load_runner, record_missing_row, run_trial
 from results_schema import reader
 
 log = logging.getLogger(__name__)
@@ -409,7 +409,8 @@ def count_rows(root: Path, num_samples: int) -> dict[str, int]:
 
 
 def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | None = None, num_cpus: int | None = None,
-              fail_fast: bool = False, live: bool | None = None, max_failures: int = 2) -> SweepOutcome:
+              fail_fast: bool = False, live: bool | None = None, max_failures: int = 2,
+              keep_checkpoints: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep ``spec`` in experiment dir ``root``; returns the counts from the result rows.
 
     The experiment's lock is taken before any other work and held until the end.
@@ -427,7 +428,7 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
             log.info("%s is complete (%d of %d trials have rows): nothing to run", root, n_before, spec.num_samples)
             return SweepOutcome(root, sweep_id, before, True)
         try:
-            shared = prepare_shared(spec, root)
+            shared = {**prepare_shared(spec, root), KEEP_CHECKPOINTS: keep_checkpoints}
         except FcsaeInputError:
             if not resuming:  # a new experiment that could not even prepare: leave nothing behind
                 experiment.wipe(root)

@@ -42,6 +42,10 @@ from results_schema.schema import TRIAL_SCHEMA
 log = logging.getLogger(__name__)
 
 
+KEEP_CHECKPOINTS = "keep_checkpoints"
+"""Key of the shared dict: true keeps each finished trial's training checkpoint (``fcsae-sweep --keep-checkpoints``)."""
+
+
 class ExperimentPaths(NamedTuple):
     """Absolute locations of one experiment's parts (a local ``Path`` or an ``fcsae.storage.RemotePath``)."""
 
@@ -288,6 +292,13 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, shared: dict[str, Any], r
     store.write_trial(paths.results, row, per_letter=per_letter)
     if paths.remote:
         shutil.rmtree(trial_dir, ignore_errors=True)  # its outputs are uploaded; its checkpoint is Ray's
+    elif row.get("status") == "ok" and not shared.get(KEEP_CHECKPOINTS):
+        from fcsae.trainer import remove_checkpoint
+
+        # The row is written, so the trial never trains again: its resume state is dead weight (most of the disk).
+        freed = remove_checkpoint(trial_dir)
+        if freed:
+            log.info("trial %s: removed its training checkpoint (%.1f MB); the SAE stays", trial_id, freed / 1e6)
     _end(tune, final_report(row, spec), raise_failed, row.get("failure_reason"))
 
 

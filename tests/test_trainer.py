@@ -362,3 +362,15 @@ def test_cli_help_quotes_the_config_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("fcsae ")
+
+
+def test_remove_checkpoint_frees_the_resume_state_and_keeps_the_sae(fake_cache, tmp_path):
+    from fcsae.trainer import remove_checkpoint
+
+    out = tmp_path / "run"
+    train_from_cache(fake_cache, SAEConfig(d_in=D, dict_size=FN, k=K), tcfg(total_tokens=B * 4), SplitConfig(),
+                     TrackerConfig(), out, progress=False)
+    assert (out / "checkpoint").is_dir()
+    assert remove_checkpoint(out) > 0
+    assert not (out / "checkpoint").exists() and (out / "sae").is_dir() and (out / "events.jsonl").exists()
+    assert remove_checkpoint(out) == 0

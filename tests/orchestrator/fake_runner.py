@@ -75,6 +75,8 @@ def run(ctx) -> TrialOutcome:
             tmp = ckpt.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step}))
             os.replace(tmp, ckpt)
+            (ctx.trial_dir / "checkpoint").mkdir(exist_ok=True)  # stands in for the trainer's resume state
+            (ctx.trial_dir / "checkpoint" / "state.json").write_text(json.dumps({"step": step}))
         fvu = loss * cfgs["tracker"].ema_alpha  # differs between trials, so ASHA has something to rank
         ctx.report({"loss": loss, "fvu": fvu, "step": step}, step % 2 == 0 or step == total)
     alpha = cfgs["tracker"].ema_alpha

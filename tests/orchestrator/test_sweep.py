@@ -81,6 +81,9 @@ def test_sweep_end_to_end_writes_schema_valid_rows(tmp_path, ray_cluster):
     assert reader.scan_per_letter(exp / "results").collect().height == 8
     assert sorted(_lines(exp / "fake_completions.log")) == sorted(df["trial_id"])
     assert (exp / "sweep.json").exists() and not (exp / "ray_pids.json").exists()
+    # Each trial's training checkpoint is deleted once its row is written (--keep-checkpoints keeps them).
+    assert not any((Path(d) / "checkpoint").exists() for d in df["trial_dir"])
+    assert all((Path(d) / "params.json").exists() for d in df["trial_dir"])
 
 
 @pytest.mark.slow
