@@ -51,6 +51,19 @@ CRITERION_COLOURS: dict[str, str] = {
 """Fixed colour per split criterion, so every figure of a report uses the same key."""
 
 
+CRITERION_MARKERS: dict[str, str] = {"none": "o", "dead": "s", "fc": "^", "frequency": "D", "inconsistency": "v"}
+"""Fixed marker per split criterion: series that coincide stay distinguishable (drawn large to small)."""
+LINESTYLES = ("-", "--", ":", "-.")
+"""Line styles cycled per group, so a line lying on another still shows through its gaps."""
+
+
+def marker_for(value, i: int) -> str:
+    """Marker of a criterion (fixed) or of the i-th other group."""
+    if isinstance(value, str) and value in CRITERION_MARKERS:
+        return CRITERION_MARKERS[value]
+    return "osD^v<>"[i % 7]
+
+
 def axis_label(column: str) -> str:
     """The axis label (with unit) for a result column."""
     return AXIS_LABELS.get(column, column)

@@ -184,6 +184,10 @@ def _pareto(ctx: Context) -> list[Block]:
             blocks.append(Block("p", f"No `{other}` values: front of absorption vs {other} skipped."))
             continue
         d = ctx.ok.filter(pl.col(rt.ABSORPTION).is_not_null() & pl.col(other).is_not_null())
+        if d[other].n_unique() == 1:  # a line of points: no trade-off to draw
+            blocks.append(Block("p", f"Every trial has `{other}` = {d[other][0]:.4g}: no front of absorption vs "
+                                     f"{other} to plot (absorption alone orders them; see the best-trials table)."))
+            continue
         mask = rt.pareto_mask(d[rt.ABSORPTION].to_list(), d[other].to_list(), "min", mode)
         path = save_png(figs.pareto_figure(d, rt.ABSORPTION, other, mask, "min", mode), ctx.out / "figures" / f"{name}.png")
         blocks.append(Block("figure", path, f"Absorption (lower is better) vs {axis_label(other)}; ringed: Pareto-optimal"))
@@ -207,8 +211,8 @@ def _effects(ctx: Context) -> list[Block]:
         categorical = not ctx.ok.schema[p].is_numeric() or n_values <= 6
         fig = (figs.categorical_effect_figure if categorical else figs.numeric_effect_figure)(ctx.ok, p, metrics)
         path = save_png(fig, ctx.out / "figures" / f"effect_{re.sub(r'[^A-Za-z0-9_]', '_', p)}.png")
-        blocks.append(Block("figure", path, f"`{p}`: " + ("dots = seeds, diamond = mean ± std across seeds" if categorical
-                                                            else "dots = trials, diamonds = quartile-bin means ± std across seeds")))
+        blocks.append(Block("figure", path, f"`{p}`: " + ("dots = seeds, diamond = mean, bar = range across seeds" if categorical
+                                                            else "dots = trials, diamonds = quartile-bin means, bars = range across seeds")))
         data, key = (ctx.ok, p) if categorical else (rt.with_bins(ctx.ok, p), "bin")
         stats = pl.concat([rt.seed_stats(data, key, m).with_columns(pl.col(key).cast(pl.Utf8).alias(p), pl.lit(m).alias("metric"))
                            .select(p, "metric", "n_trials", "n_seeds", "mean", "std", "se") for m in metrics])
@@ -224,7 +228,7 @@ def _letters(ctx: Context) -> list[Block]:
         return blocks + [Block("p", "No per-letter absorption rows for the ok trials.")]
     path = save_png(figs.letters_figure(stats), ctx.out / "figures" / "letters_absorption.png")
     return blocks + [Block("figure", path, "Per-letter absorption fraction, baseline vs each split criterion"),
-                     Block("table", rt.letters_wide(stats), "Mean ± std across trials, per letter and criterion")]
+                     Block("table", rt.letters_wide(stats), "Mean [min, max] across trials, per letter and criterion")]
 
 
 def _events(ctx: Context) -> list[Block]:

@@ -1,7 +1,9 @@
 """The report's figures, each built from a polars frame and returned unsaved (tests inspect the axes).
 
-Conventions: one fixed colour per split criterion, seeds shown as individual
-points next to the mean with an error bar (standard deviation across seeds),
+Conventions: one fixed colour and marker per split criterion, seeds shown as
+individual points next to the mean with a bar for the range across seeds
+(min to max: it never leaves the metric's range, and there is none with one
+seed, which the figure then says), series that coincide named in the title,
 every axis labelled with its unit (``fcsae.plotting.axis_label``).
 """
 
@@ -11,7 +13,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from fcsae.plotting import axis_label, colour_for, new_figure
+from fcsae.plotting import LINESTYLES, axis_label, colour_for, marker_for, new_figure
 from fcsae.report.tables import with_bins
 
 CRITERION = "split.criterion"
@@ -28,23 +30,51 @@ def group_values(df: pl.DataFrame, col: str) -> list:
     return sorted(values)
 
 
+def coincident_note(df: pl.DataFrame, group: str, values: list[str], overlap: bool = True) -> str:
+    """``" (a = b: identical values[, drawn on top of each other])"`` for groups whose ``values`` rows all match; else ""."""
+    if group not in df.columns or df.height == 0:
+        return ""
+    seen: dict[tuple, list] = {}
+    for g in group_values(df, group):
+        rows = df.filter(pl.col(group) == g).select(values).sort(values).rows()
+        seen.setdefault(tuple(rows), []).append(str(g))
+    same = [" = ".join(gs) for gs in seen.values() if len(gs) > 1]
+    where = ", drawn on top of each other" if overlap else ""
+    return f" ({'; '.join(same)}: identical values{where})" if same else ""
+
+
+def _spread(pts: np.ndarray, mean: float) -> np.ndarray | None:
+    """Asymmetric error bar from the mean to the min and max of ``pts``; None for a single point."""
+    if len(pts) < 2:
+        return None
+    return np.array([[mean - pts.min()], [pts.max() - mean]])
+
+
+def _n_note(counts: list[int], unit: str = "seed") -> str:
+    """What the bars mean, or that there are none (one point per group)."""
+    if counts and max(counts) < 2:
+        return f"one {unit} per group, so no spread to show"
+    return f"bars = range (min–max) across {unit}s"
+
+
 def pareto_figure(ok: pl.DataFrame, x: str, y: str, front_mask: list[bool], x_mode: str, y_mode: str) -> Figure:
-    """Trials as points coloured by criterion, the Pareto-optimal ones ringed and joined by a step line."""
+    """Trials as points (colour and marker per criterion), the Pareto-optimal ones ringed and joined by a step line."""
     fig, (ax,) = new_figure()
     groups = group_values(ok, CRITERION) or [None]
-    for i, g in enumerate(groups):
+    for i, g in enumerate(groups):  # drawn large to small: a point lying on another stays visible
         sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
-        ax.scatter(sub[x].to_numpy(), sub[y].to_numpy(), s=28, alpha=0.8, color=colour_for(g, i),
-                   label=str(g) if g is not None else "trials")
+        ax.scatter(sub[x].to_numpy(), sub[y].to_numpy(), s=170 - 130 * i / max(1, len(groups) - 1), alpha=0.85,
+                   color=colour_for(g, i), marker=marker_for(g, i), edgecolors="white", linewidths=0.5,
+                   label=str(g) if g is not None else "trials", zorder=2 + i)
     front = ok.filter(pl.Series(front_mask)).sort(x)
     if front.height:
-        ax.scatter(front[x].to_numpy(), front[y].to_numpy(), s=90, facecolors="none", edgecolors="black",
-                   linewidths=1.2, label="Pareto front")
-        ax.step(front[x].to_numpy(), front[y].to_numpy(), where="post", color="black", linewidth=0.8, alpha=0.6)
+        ax.scatter(front[x].to_numpy(), front[y].to_numpy(), s=190, facecolors="none", edgecolors="black",
+                   linewidths=1.2, label="Pareto front", zorder=1)
+        ax.step(front[x].to_numpy(), front[y].to_numpy(), where="post", color="black", linewidth=0.8, alpha=0.6, zorder=1)
     ax.set_xlabel(axis_label(x))
     ax.set_ylabel(axis_label(y))
     better = f"better: {'lower' if x_mode == 'min' else 'higher'} x, {'lower' if y_mode == 'min' else 'higher'} y"
-    ax.set_title(f"Pareto front ({better})", fontsize=10)
+    ax.set_title(f"Pareto front ({better}){coincident_note(ok, CRITERION, [x, y])}", fontsize=9, wrap=True)
     ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -57,28 +87,30 @@ def _seed_means(df: pl.DataFrame, param: str, metric: str) -> pl.DataFrame:
 
 
 def categorical_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> Figure:
-    """Per value of ``param``: one point per seed (mean over that seed's trials) and mean +- std across seeds."""
+    """Per value of ``param``: one point per seed (mean over that seed's trials), the mean, and the range across seeds."""
     fig, axes = new_figure(len(metrics), width=5.2)
     values = group_values(ok, param)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    counts = []
     for ax, metric in zip(axes, metrics):
         sm = _seed_means(ok.filter(pl.col(metric).is_not_null()), param, metric)
         for i, v in enumerate(values):
             pts = sm.filter(pl.col(param) == v)["value"].drop_nulls().to_numpy()
             if not len(pts):
                 continue
+            counts.append(len(pts))
             c = colour_for(v, i)
-            ax.scatter(i + rng.uniform(-0.12, 0.12, len(pts)), pts, s=22, alpha=0.7, color=c,
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(pts)), pts, s=26, alpha=0.75, color=c, marker=marker_for(v, i),
                        label="one seed" if i == 0 else None)
-            std = float(np.std(pts, ddof=1)) if len(pts) > 1 else 0.0
-            ax.errorbar(i + 0.3, float(np.mean(pts)), yerr=std, fmt="D", color="black", capsize=4, markersize=5,
-                        label="mean ± std across seeds" if i == 0 else None)
+            mean = float(np.mean(pts))
+            ax.errorbar(i + 0.3, mean, yerr=_spread(pts, mean), fmt="D", color="black", capsize=4, markersize=5,
+                        label=("mean, range across seeds" if len(pts) > 1 else "mean") if i == 0 else None)
         ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(axis_label(param))
         ax.set_ylabel(axis_label(metric))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Effect of {param}: dots = seeds, diamond = mean ± std across seeds", fontsize=10)
+    fig.suptitle(f"Effect of {param}\ndots = seeds, diamond = mean; {_n_note(counts)}", fontsize=9)
     return fig
 
 
@@ -91,43 +123,70 @@ def numeric_effect_figure(ok: pl.DataFrame, param: str, metrics: list[str]) -> F
     for ax, metric in zip(axes, metrics):
         for i, g in enumerate(groups):
             sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
-            ax.scatter(sub[param].to_numpy(), sub[metric].to_numpy(), s=22, alpha=0.75, color=colour_for(g, i),
-                       label=str(g) if g is not None else "trials")
+            ax.scatter(sub[param].to_numpy(), sub[metric].to_numpy(), s=24, alpha=0.75, color=colour_for(g, i),
+                       marker=marker_for(g, i), label=str(g) if g is not None else "trials")
         # Binned means with the spread across seeds, over all criteria: the grouped effect of this parameter.
         binned = _seed_means(with_bins(ok.filter(pl.col(metric).is_not_null()), param), "bin_centre", metric)
         for j, ((centre,), b) in enumerate(binned.group_by(["bin_centre"], maintain_order=True)):
             pts = b["value"].drop_nulls().to_numpy()
-            std = float(np.std(pts, ddof=1)) if len(pts) > 1 else 0.0
-            ax.errorbar(centre, float(np.mean(pts)), yerr=std, fmt="D", color="black", capsize=4, markersize=5,
-                        label="quartile-bin mean ± std across seeds" if j == 0 else None)
+            mean = float(np.mean(pts))
+            ax.errorbar(centre, mean, yerr=_spread(pts, mean), fmt="D", color="black", capsize=4, markersize=5,
+                        label="quartile-bin mean, range across seeds" if j == 0 else None)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(axis_label(param) + (" [log scale]" if log_x else ""))
         ax.set_ylabel(axis_label(metric))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
-    fig.suptitle(f"Effect of {param}: dots = trials, diamonds = quartile-bin mean ± std across seeds", fontsize=10)
+    fig.suptitle(f"Effect of {param}\ndots = trials, diamonds = quartile-bin mean, bars = range across seeds", fontsize=9)
     return fig
 
 
+LETTERS_PER_ROW = 13
+"""Letters per panel of the per-letter figure: two rows for the alphabet keep it readable at report width."""
+
+
 def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction") -> Figure:
-    """Grouped bars per letter, one bar per criterion: mean across that criterion's trials, error bar = std."""
+    """Per letter, one marker per criterion at the mean across its trials, a bar for their range (min–max).
+
+    Stacked panels of ``LETTERS_PER_ROW`` letters, so the figure keeps a fixed
+    width that the HTML report shows unscaled. Markers are dodged sideways, so
+    criteria with identical values both show (and the title names them).
+    """
+    import matplotlib.pyplot as plt
+
     letters = sorted(stats["letter"].unique().to_list())
     groups = group_values(stats, CRITERION)
-    fig, (ax,) = new_figure(width=max(7.0, 0.45 * len(letters) * max(1, len(groups)) ** 0.5 + 3), height=4.4)
-    width = 0.8 / max(1, len(groups))
-    pos = {l: i for i, l in enumerate(letters)}
-    for j, g in enumerate(groups):
-        sub = stats.filter(pl.col(CRITERION) == g)
-        xs = np.array([pos[l] for l in sub["letter"].to_list()]) - 0.4 + width * (j + 0.5)
-        ax.bar(xs, sub["mean"].to_numpy(), width=width, yerr=sub["std"].fill_null(0).to_numpy(), capsize=2,
-               color=colour_for(g, j), label=f"{g} (n={int(sub['n_trials'].max())})", error_kw={"linewidth": 0.8})
-    ax.set_xticks(range(len(letters)), letters)
-    ax.set_xlabel("first letter")
-    ax.set_ylabel(axis_label(metric))
-    ax.set_title("Per-letter absorption by split criterion (mean ± std across trials)", fontsize=10)
-    ax.legend(fontsize=8, title="split criterion (trials)", title_fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
+    rows = [letters[i:i + LETTERS_PER_ROW] for i in range(0, len(letters), LETTERS_PER_ROW)] or [[]]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8.0, 2.6 * len(rows) + 0.9), squeeze=False, sharey=True)
+    width = 0.7 / max(1, len(groups))
+    counts = []
+    for ax, row in zip(axes[:, 0], rows):
+        pos = {l: i for i, l in enumerate(row)}
+        for j, g in enumerate(groups):
+            sub = stats.filter((pl.col(CRITERION) == g) & pl.col("letter").is_in(row))
+            if not sub.height:
+                continue
+            xs = np.array([pos[l] for l in sub["letter"].to_list()]) - 0.35 + width * (j + 0.5)
+            mean = sub["mean"].to_numpy()
+            lo, hi = sub["min"].to_numpy(), sub["max"].to_numpy()
+            n = int(sub["n_trials"].max())
+            counts.append(n)
+            yerr = np.vstack([mean - lo, hi - mean]) if n > 1 else None
+            ax.errorbar(xs, mean, yerr=yerr, fmt=marker_for(g, j), color=colour_for(g, j), markersize=5, capsize=2,
+                        elinewidth=0.9, linestyle="none", label=f"{g} (n={n})")
+        ax.set_xticks(range(len(row)), row)
+        ax.set_xlim(-0.6, LETTERS_PER_ROW - 0.4)
+        ax.set_xlabel("first letter")
+        ax.set_ylabel(axis_label(metric).replace(" (", "\n("))
+        ax.grid(alpha=0.3, axis="y")
+    top = float(stats["max"].max() or 0.0) if stats.height else 0.0
+    axes[0, 0].set_ylim(0, top * 1.35 if top > 0 else 1.0)  # shared y; headroom for the legend, a fraction starts at 0
+    axes[0, 0].legend(fontsize=8, title="split criterion (trials)", title_fontsize=8, ncol=max(1, len(groups)),
+                      loc="upper right")
+    note = coincident_note(stats, CRITERION, ["letter", "mean"], overlap=False)  # dodged: both visible
+    fig.suptitle(f"Per-letter absorption: markers = mean across trials; {_n_note(counts, 'trial')}{note}",
+                 fontsize=9, wrap=True)
     return fig
 
 
@@ -140,11 +199,14 @@ def split_events_figure(curves: pl.DataFrame) -> Figure:
         for (tid,), t in sub.group_by(["trial_id"], maintain_order=True):
             t = t.sort("tokens")
             ax.step(t["tokens"].to_numpy(), t["cumulative"].to_numpy(), where="post", color=colour_for(g, i),
-                    alpha=0.6, linewidth=1.0, label=f"{g} ({sub['trial_id'].n_unique()} trials)" if first else None)
+                    alpha=0.8, linewidth=1.4 + 0.6 * (len(LINESTYLES) - 1 - i % len(LINESTYLES)) / 2,
+                    linestyle=LINESTYLES[i % len(LINESTYLES)],
+                    label=f"{g} ({sub['trial_id'].n_unique()} trials)" if first else None)
             first = False
     ax.set_xlabel("training tokens (activation vectors)")
     ax.set_ylabel("cumulative split + resample events (count)")
-    ax.set_title("Split and resample events over training (one line per trial)", fontsize=10)
+    note = coincident_note(curves, CRITERION, ["tokens", "cumulative"])
+    ax.set_title(f"Split and resample events over training (one line per trial){note}", fontsize=9, wrap=True)
     ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -159,12 +221,12 @@ def event_counts_figure(ok: pl.DataFrame) -> Figure:
             sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
             v = sub[col].drop_nulls().to_numpy().astype(float)
             if len(v):
-                ax.scatter(np.full(len(v), i), v, color=colour_for(g, i), alpha=0.7, s=22)
-                ax.errorbar(i + 0.25, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="D", color="black", capsize=4)
+                ax.scatter(np.full(len(v), i), v, color=colour_for(g, i), marker=marker_for(g, i), alpha=0.7, s=24)
+                ax.errorbar(i + 0.25, v.mean(), yerr=_spread(v, float(v.mean())), fmt="D", color="black", capsize=4)
         ax.set_xticks(range(len(groups)), [str(g) for g in groups])
         ax.set_xlabel(axis_label(CRITERION))
         ax.set_ylabel(axis_label(col))
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Events per trial (from the result rows; dots = trials, diamond = mean ± std)", fontsize=10)
+    fig.suptitle("Events per trial (from the result rows; dots = trials, diamond = mean, bar = range)", fontsize=10)
     return fig
 

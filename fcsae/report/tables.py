@@ -178,7 +178,7 @@ def best_trials(ok: pl.DataFrame, metric: str, mode: str, n: int = 5, extra: lis
 
 
 def letter_stats(ok: pl.DataFrame, letters: pl.DataFrame, metric: str = "mean_absorption_fraction") -> pl.DataFrame:
-    """Per (criterion, letter): trials, mean and std of the per-letter ``metric`` across trials."""
+    """Per (criterion, letter): trials, mean, std, min and max of the per-letter ``metric`` across trials."""
     if letters.height == 0 or metric not in letters.columns:
         return pl.DataFrame()
     keys = ["trial_id", CRITERION] if CRITERION in ok.columns else ["trial_id"]
@@ -188,13 +188,16 @@ def letter_stats(ok: pl.DataFrame, letters: pl.DataFrame, metric: str = "mean_ab
         j = j.with_columns(pl.lit("all").alias(CRITERION))
     return j.group_by([CRITERION, "letter"]).agg(
         pl.len().alias("n_trials"), pl.col(metric).mean().alias("mean"), pl.col(metric).std(ddof=1).alias("std"),
+        pl.col(metric).min().alias("min"), pl.col(metric).max().alias("max"),
     ).sort(CRITERION, "letter")
 
 
 def letters_wide(stats: pl.DataFrame) -> pl.DataFrame:
-    """Letters as rows, criteria as ``mean ± std`` text columns (for the report's table)."""
+    """Letters as rows, criteria as text columns: ``mean [min, max]`` across trials, the mean alone for one trial."""
     cell = stats.with_columns(
-        pl.format("{} ± {}", pl.col("mean").round(3), pl.col("std").fill_null(0.0).round(3)).alias("cell"))
+        pl.when(pl.col("n_trials") > 1)
+        .then(pl.format("{} [{}, {}]", pl.col("mean").round(4), pl.col("min").round(4), pl.col("max").round(4)))
+        .otherwise(pl.col("mean").round(4).cast(pl.Utf8)).alias("cell"))
     return cell.pivot(on=CRITERION, index="letter", values="cell").sort("letter")
 
 
