@@ -144,7 +144,7 @@ def _add_train(sub) -> None:
 
 
 def _train_sections(args) -> dict:
-    """The YAML config's sections with the command-line flags applied on top."""
+    """The YAML config's sections (sae, trainer, split, tracker), each a plain mapping."""
     import yaml
 
     sections: dict = {}
@@ -161,11 +161,12 @@ def _train_sections(args) -> dict:
         unknown = sorted(set(sections) - {"sae", "trainer", "split", "tracker"})
         if unknown:
             raise FcsaeInputError(f"--config: unknown section {unknown[0]!r}; allowed: sae, trainer, split, tracker")
-    sections = {name: dict(sections.get(name) or {}) for name in ("sae", "trainer", "split", "tracker")}
-    for _, section, key, _ in TRAIN_FLAGS:
-        if getattr(args, key) is not None:
-            sections[section][key] = getattr(args, key)
-    return sections
+    return {name: dict(sections.get(name) or {}) for name in ("sae", "trainer", "split", "tracker")}
+
+
+def _train_overrides(args) -> dict:
+    """The flags given, as dotted config fields (``{"split.criterion": "fc"}``): they win over the YAML."""
+    return {f"{section}.{key}": getattr(args, key) for _, section, key, _ in TRAIN_FLAGS if getattr(args, key) is not None}
 
 
 def _train_cache(args) -> str:
@@ -189,7 +190,7 @@ def _train_cache(args) -> str:
 def _run_train(args) -> int:
     import json
 
-    from fcsae.config import SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
+    from fcsae.config import section_configs
     from fcsae.paths import cache_dir
 
     if args.tokens is not None:
@@ -197,22 +198,18 @@ def _run_train(args) -> int:
                               "or --harvest-tokens (activation vectors to harvest)")
     from fcsae.threads import set_threads
 
-    s = _train_sections(args)
+    s, overrides = _train_sections(args), _train_overrides(args)
     threads = set_threads(args.threads)  # refuses a bad --threads before anything is written
     logging.getLogger(__name__).info("training with %d torch threads", threads)
-    # Check every section before touching the cache (a harvest can take minutes).
-    sae_d = dict(s["sae"])
-    from_dict(SAEConfig, {"d_in": 1, **sae_d}, "sae.")
-    trainer_cfg = from_dict(TrainerConfig, s["trainer"], "trainer.")
-    split_cfg = from_dict(SplitConfig, s["split"], "split.")
-    tracker_cfg = from_dict(TrackerConfig, s["tracker"], "tracker.")
+    section_configs(s, overrides)  # check every section before touching the cache (a harvest can take minutes)
     from fcsae import activations
 
     cache_path = _train_cache(args)
     cache = activations.ActivationCache(cache_path)
-    if "d_in" in sae_d and sae_d["d_in"] != cache.d_in:
-        raise FcsaeInputError(f"sae.d_in: config says {sae_d['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")
-    sae_cfg = from_dict(SAEConfig, {**sae_d, "d_in": cache.d_in}, "sae.")
+    if "d_in" in s["sae"] and s["sae"]["d_in"] != cache.d_in:
+        raise FcsaeInputError(f"sae.d_in: config says {s['sae']['d_in']}, the cache {cache_path} holds {cache.d_in}-dim activations")
+    cfgs = section_configs(s, overrides, d_in=cache.d_in)
+    sae_cfg, trainer_cfg, split_cfg, tracker_cfg = (cfgs[k] for k in ("sae", "trainer", "split", "tracker"))
     from fcsae.trainer import LogMetrics, TrainingDiverged, train_from_cache
 
     out = args.out or cache_dir("runs") / f"{cache.path.name}-{sae_cfg.activation}-{sae_cfg.dict_size}"
@@ -282,7 +279,7 @@ def trial_eval_settings(sae_dir: Path) -> tuple[dict, str | None]:
 
 
 def _run_eval(args) -> int:
-    from fcsae.config import EvalConfig, LMConfig
+    from fcsae.config import EvalConfig, LMConfig, from_dict
     from fcsae.evals.report import eval_report, print_report, resolve_target
     from fcsae.io import write_json
     from fcsae.sae import SparseAutoencoder
@@ -295,7 +292,7 @@ def _run_eval(args) -> int:
         settings["context_len"] = target.context_len
     flags = {k: v for k, v in (("core_tokens", args.core_tokens), ("absorption_words", args.absorption_words),
                                ("absorption_probe", args.absorption_probe), ("corpus", args.corpus)) if v is not None}
-    eval_cfg = EvalConfig(**{**settings, **flags})
+    eval_cfg = from_dict(EvalConfig, {**settings, **flags}, "eval.")
     source = f"trial {trial}'s result row" if trial else "fcsae.config.EvalConfig defaults"
     print(f"eval settings: {source}" + (f", flags {', '.join(sorted(flags))}" if flags else "")
           + f" (core_tokens={eval_cfg.core_tokens}, absorption_words={eval_cfg.absorption_words}, "
