@@ -9,8 +9,8 @@ import sys
 from fcsae.errors import FcsaeInputError
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fcsae-report RESULTS_DIR [--out DIR]``: write a sweep's report; exit 2 only when nothing can be built."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fcsae-report`` argument parser."""
     p = argparse.ArgumentParser(
         prog="fcsae-report",
         description="Write a self-contained report of a sweep (report.md, report.html, figures/*.png, tables/*.csv): "
@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", help="the sweep's results directory (<experiment>/results) or its experiment directory")
     p.add_argument("--out", default=None, help="output directory (default <experiment>/report); replaced if it holds a report")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fcsae-report RESULTS_DIR [--out DIR]``: write a sweep's report; exit 2 only when nothing can be built."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from fcsae.report.build import build_report  # lazy: --help stays fast
