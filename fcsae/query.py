@@ -13,15 +13,12 @@ The recipes are documented, with their SQL, in docs/queries.md.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, NamedTuple
 
 import polars as pl
 
 from fcsae.errors import FcsaeInputError
 from results_schema.reader import ResultTables
-
-log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "absorption.mean_absorption_fraction"
 """Metric the recipes rank and explain by default (lower is better)."""

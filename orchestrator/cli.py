@@ -104,9 +104,12 @@ def sweep_main(argv: list[str] | None = None) -> int:
         spec = space.load_space(args.space, check_machine=not joining)
         root = location(args.experiment_dir) if args.experiment_dir else driver.default_experiment_dir(spec, args.storage)
         mode = _choose_mode(args, root)
-        outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
-                                   fail_fast=args.fail_fast, live=False if args.no_live else None,
-                                   max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # the driver's harvest bar and its log lines stay on separate lines
+            outcome = driver.run_sweep(spec, root, mode=mode, address=args.address, num_cpus=args.num_cpus,
+                                       fail_fast=args.fail_fast, live=False if args.no_live else None,
+                                       max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints)
     except FcsaeInputError as e:
         print(f"fcsae-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -33,3 +33,21 @@ def test_outside_a_sweep_there_are_no_trial_settings(tmp_path):
     other = _trial(tmp_path / "exp2", "t2")
     (tmp_path / "exp2" / "results" / "t2.parquet").unlink()  # trial without a row (still running)
     assert trial_eval_settings(other) == ({}, None)
+
+
+def test_log_lines_go_around_progress_bars(monkeypatch):
+    """While a command runs, the console log handler writes through tqdm (above a bar, never glued onto it)."""
+    import logging
+
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from fcsae import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_query", lambda args: seen.extend(type(h) for h in logging.getLogger().handlers) or 0)
+    logging.getLogger().addHandler(logging.StreamHandler())  # as basicConfig would have installed
+    try:
+        assert cli.main(["query", "--list"]) == 0
+    finally:
+        logging.getLogger().handlers = [h for h in logging.getLogger().handlers if type(h) is not logging.StreamHandler]
+    assert _TqdmLoggingHandler in seen
