@@ -145,8 +145,8 @@ def verdict(frame: pl.DataFrame, keys: list[str]) -> str:
 def next_commands(experiment: Path, bin_prefix: str = "") -> list[str]:
     """The commands to look further: the report and a query, copy-pasteable from the current directory."""
     try:
-        exp = experiment.resolve().relative_to(Path.cwd().resolve())
-    except ValueError:
+        exp = Path(experiment).resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, TypeError):  # elsewhere on disk, or an object-store location (s3://...)
         exp = experiment
     return [f"{bin_prefix}fcsae-report {exp}            # report with figures: {exp}/report/report.html",
             f"{bin_prefix}fcsae query --results {exp} --recipe best   # or --list for the other recipes"]
