@@ -4,7 +4,7 @@
 
 Runs a sweep of the fast stand-in runner (``tests/orchestrator/fake_runner.py``,
 so no model is needed) in a fresh temporary directory. Each round starts
-``fcsae-sweep`` (``--resume`` after the first), waits a random time (set-up,
+``fcsae-sweep`` (``--resume`` once sweep.json exists), waits a random time (set-up,
 mid-sweep, last trial: anything up to ``--max-wait`` seconds), SIGKILLs the
 driver alone and checks, right after the kill:
 
@@ -89,9 +89,9 @@ def _gone(procs: list[psutil.Process], timeout: float) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=10, help="SIGKILLs before the final resume (default 10)")
-    p.add_argument("--trials", type=int, default=6, help="trials in the sweep (even; default 6)")
-    p.add_argument("--step-s", type=float, default=0.2, help="seconds per fake training step (20 steps a trial)")
-    p.add_argument("--max-wait", type=float, default=30.0, help="longest wait before a kill, seconds (default 30)")
+    p.add_argument("--trials", type=int, default=16, help="trials in the sweep (even; default 16)")
+    p.add_argument("--step-s", type=float, default=0.3, help="seconds per fake training step (20 steps a trial)")
+    p.add_argument("--max-wait", type=float, default=40.0, help="longest wait before a kill, seconds (default 40)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--workdir", default=None, help="where to put the experiment (default: a new temp dir)")
     args = p.parse_args()
@@ -108,18 +108,25 @@ def main() -> int:
     kept: dict[str, dict] = {}  # rows seen at a kill: must never change or vanish
     reruns_allowed: Counter = Counter()  # completions logged without a row at a kill
     started = time.time()
-    for i in range(args.kills):
-        proc = _driver(base + (["--resume"] if i else []), env)
+    kills = rounds = 0
+    while kills < args.kills and rounds < 3 * args.kills:
+        rounds += 1
+        i = kills
+        # --resume only once the experiment exists: a kill during set-up can come before sweep.json
+        proc = _driver(base + (["--resume"] if (exp / "sweep.json").exists() else []), env)
         wait = rng.uniform(0.5, args.max_wait)
         t0 = time.time()
         while time.time() - t0 < wait and proc.poll() is None:
             time.sleep(0.1)
         if proc.poll() is not None:
             out = proc.stdout.read()
-            print(f"kill {i + 1}: driver had already exited ({proc.returncode}) after {time.time() - t0:.1f} s")
+            print(f"round {rounds}: driver exited by itself ({proc.returncode}) after {time.time() - t0:.1f} s")
             if proc.returncode != 0:
-                problems.append(f"round {i + 1}: driver exited {proc.returncode}: {out[-500:]}")
+                problems.append(f"round {rounds}: driver exited {proc.returncode}: {out[-500:]}")
+            if (exp / "sweep.json").exists() and len(_rows(exp / "results")) >= args.trials:
+                break  # the sweep finished before all kills were spent
             continue
+        kills += 1
         tree = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -137,7 +144,7 @@ def main() -> int:
                 reruns_allowed[tid] = n  # finished its work, no row: not finished, may complete once more
         kept.update(rows)
         print(f"kill {i + 1}: after {wait:.1f} s; {len(rows)} rows, {sum(done.values())} completions logged")
-    final = _driver(base + (["--resume"] if args.kills else []), env)
+    final = _driver(base + (["--resume"] if (exp / "sweep.json").exists() else []), env)
     out, _ = final.communicate(timeout=900)
     rows = _rows(exp / "results")
     done = Counter(_lines(logs / "fake_completions.log"))
@@ -154,7 +161,7 @@ def main() -> int:
     for line in problems:
         print(f"PROBLEM: {line}")
     verdict = "PASS" if not problems else "FAIL"
-    print(f"chaos_resume: kills={args.kills} rows={len(rows)}/{args.trials} unique_ids={len(set(rows))} "
+    print(f"chaos_resume: kills={kills} rounds={rounds} rows={len(rows)}/{args.trials} unique_ids={len(set(rows))} "
           f"reruns_of_unfinished={sum(reruns_allowed.values())} problems={len(problems)} "
           f"wall={time.time() - started:.0f}s dir={work} -> {verdict}")
     return 0 if not problems else 1
