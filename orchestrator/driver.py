@@ -452,9 +452,11 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
     before = reader.finished_trials(paths.results)
     if resuming:
         log.info("resuming %s: %d of %d trials already have rows", root, len(before), spec.num_samples)
-    started = start_ray(address, num_cpus, root)
     control = experiment.control_dir(root)
-    watchdog = ray_procs.Watchdog(control, lock.fileno()) if started else None
+    # The watchdog starts before ray.init: a driver killed in the middle of it must not leak a half-started Ray.
+    local = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    watchdog = ray_procs.Watchdog(control, lock.fileno()) if local else None
+    started = start_ray(address, num_cpus, root)
     progress = SweepProgress(spec, before, live=live)
     try:
         check_cluster_resources(spec)

@@ -6,7 +6,9 @@ orchestrator.ray_procs``) in its own session. The watchdog re-records the
 driver's process tree every ``SNAPSHOT_S`` seconds (trial workers appear
 later than ``ray.init``) and, when the pipe from the driver closes without a
 ``done`` line (the driver was SIGKILLed or crashed), stops every recorded
-process. A process is matched by pid *and* creation time, so a recycled pid is
+process and every process carrying the driver's token in its environment
+(``TOKEN_VAR``, set before ``ray.init``: it catches a kill in the middle of
+``ray.init`` and processes started since the last snapshot). A process is matched by pid *and* creation time, so a recycled pid is
 never touched. A later ``--resume``/``--restart`` repeats the stop for
 whatever is still recorded (the watchdog itself may have been killed).
 
@@ -22,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -31,7 +34,7 @@ from fcsae.io import write_json
 log = logging.getLogger(__name__)
 
 PIDS_FILE = "ray_pids.json"
-SNAPSHOT_S = 1.0
+SNAPSHOT_S = 0.5
 """Seconds between the watchdog's snapshots of the driver's process tree."""
 
 
@@ -50,11 +53,33 @@ def _tree(pid: int, exclude: set[int]) -> list[dict]:
     return out
 
 
+TOKEN_VAR = "FCSAE_DRIVER_TOKEN"
+"""Environment variable a driver sets before starting Ray: every process Ray starts for it inherits it."""
+
+
+def carrying(token: str, exclude: set[int] = frozenset()) -> list[dict]:
+    """Running processes whose environment carries ``TOKEN_VAR=token`` (this user's, other than ``exclude``).
+
+    Catches what a tree snapshot misses: processes started just before the driver died, and ones already
+    re-parented to init when they are looked for.
+    """
+    out = []
+    for p in psutil.process_iter(["pid", "create_time"]):
+        if p.pid in exclude:
+            continue
+        try:
+            if p.environ().get(TOKEN_VAR) == token:
+                out.append({"pid": p.pid, "create_time": p.info["create_time"]})
+        except psutil.Error:
+            continue
+    return out
+
+
 def record(root: Path, driver_pid: int | None = None, exclude: set[int] = frozenset()) -> list[dict]:
-    """Write the driver's current process tree to ``ray_pids.json``; returns it."""
+    """Write the driver's current process tree (and its token) to ``ray_pids.json``; returns the tree."""
     driver_pid = driver_pid or os.getpid()
     procs = _tree(driver_pid, set(exclude))
-    write_json(root / PIDS_FILE, {"driver": driver_pid, "processes": procs})
+    write_json(root / PIDS_FILE, {"driver": driver_pid, "token": os.environ.get(TOKEN_VAR), "processes": procs})
     return procs
 
 
@@ -98,7 +123,10 @@ def stop_recorded(root: Path) -> int:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         info = {}
-    n = stop_processes(info.get("processes", []))
+    records = info.get("processes", [])
+    if info.get("token"):
+        records += carrying(info["token"], exclude={os.getpid()})
+    n = stop_processes(records)
     if n:
         log.info("stopped %d leftover Ray processes of an earlier driver", n)
     path.unlink(missing_ok=True)
@@ -109,6 +137,8 @@ class Watchdog:
     """The driver's handle on its watchdog process."""
 
     def __init__(self, root: Path, lock_fd: int):
+        """Start before ``ray.init``: it marks this process's environment with a token Ray's processes inherit."""
+        os.environ[TOKEN_VAR] = uuid.uuid4().hex
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.ray_procs", str(root), str(os.getpid())],
@@ -145,8 +175,10 @@ def watch(root: Path, driver_pid: int) -> None:
         new = {(r["pid"], r["create_time"]): r for r in _tree(driver_pid, me)}
         if set(new) - set(seen):
             seen.update(new)
-            write_json(root / PIDS_FILE, {"driver": driver_pid, "processes": list(seen.values())})
-    stop_processes(list(seen.values()))
+            write_json(root / PIDS_FILE, {"driver": driver_pid, "token": os.environ.get(TOKEN_VAR),
+                                          "processes": list(seen.values())})
+    token = os.environ.get(TOKEN_VAR)
+    stop_processes(list(seen.values()) + (carrying(token, exclude=me) if token else []))
     (root / PIDS_FILE).unlink(missing_ok=True)
 
 

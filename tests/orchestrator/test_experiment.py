@@ -236,3 +236,21 @@ def test_one_line_keeps_leading_sentences_within_the_limit():  # item 9
     line = driver.one_line(ray_text)
     assert line == "The actor died unexpectedly before finishing this task."
     assert len(driver.one_line("x" * 500)) == 160
+
+
+def test_leftovers_found_by_the_driver_token_even_unrecorded(tmp_path):  # item 7
+    """A process started just before the kill (not in any snapshot) still carries the driver's token."""
+    from orchestrator import ray_procs
+
+    token = "t" * 32
+    carrier = subprocess.Popen(["sleep", "60"], env={**os.environ, ray_procs.TOKEN_VAR: token})
+    bystander = subprocess.Popen(["sleep", "60"], env={**os.environ, ray_procs.TOKEN_VAR: "other"})
+    try:
+        (tmp_path / ray_procs.PIDS_FILE).write_text(json.dumps({"driver": 1, "token": token, "processes": []}))
+        assert ray_procs.stop_recorded(tmp_path) == 1
+        assert carrier.wait(timeout=10) is not None and bystander.poll() is None
+    finally:
+        for p in (carrier, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
