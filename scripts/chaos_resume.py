@@ -5,7 +5,10 @@
 Runs a sweep of the fast stand-in runner (``tests/orchestrator/fake_runner.py``,
 so no model is needed) in a fresh temporary directory. Each round starts
 ``fcsae-sweep`` (``--resume`` once sweep.json exists), waits a random time (set-up,
-mid-sweep, last trial: anything up to ``--max-wait`` seconds), SIGKILLs the
+mid-sweep, last trial: up to ``--max-wait`` seconds after the driver starts,
+or, for a ``--mid-fraction`` of rounds, up to ``--mid-wait`` seconds after
+that round's first trial started, so kills land mid-sweep even when start-up
+is slow), SIGKILLs the
 driver alone and checks, once the killed driver's processes are gone (a worker
 may land a row in the moment after its driver died):
 
@@ -93,6 +96,9 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=16, help="trials in the sweep (even; default 16)")
     p.add_argument("--step-s", type=float, default=0.3, help="seconds per fake training step (20 steps a trial)")
     p.add_argument("--max-wait", type=float, default=40.0, help="longest wait before a kill, seconds (default 40)")
+    p.add_argument("--mid-fraction", type=float, default=0.6,
+                   help="share of kills timed from the round's first trial start (the rest from the driver's start)")
+    p.add_argument("--mid-wait", type=float, default=15.0, help="longest wait after that first start, seconds")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--workdir", default=None, help="where to put the experiment (default: a new temp dir)")
     args = p.parse_args()
@@ -115,8 +121,14 @@ def main() -> int:
         i = kills
         # --resume only once the experiment exists: a kill during set-up can come before sweep.json
         proc = _driver(base + (["--resume"] if (exp / "sweep.json").exists() else []), env)
-        wait = rng.uniform(0.5, args.max_wait)
         t0 = time.time()
+        starts0 = len(_lines(logs / "fake_starts.log"))
+        if rng.random() < args.mid_fraction:  # mid-sweep: a random moment after this round's first trial start
+            while len(_lines(logs / "fake_starts.log")) == starts0 and proc.poll() is None and time.time() - t0 < 600:
+                time.sleep(0.1)
+            wait = time.time() - t0 + rng.uniform(0.0, args.mid_wait)
+        else:  # anywhere from set-up on
+            wait = rng.uniform(0.5, args.max_wait)
         while time.time() - t0 < wait and proc.poll() is None:
             time.sleep(0.1)
         if proc.poll() is not None:
