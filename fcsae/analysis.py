@@ -390,7 +390,8 @@ def run_toy(criterion: str = "fc", steps: int = 800, seed: int = 0, dict_size: i
     panel, detection = trainer_detection(trainer, res)
     table = latent_table(trainer.tracker.scores(), roles).with_columns(
         [pl.Series(name, v.float().cpu().numpy()) for name, v in panel.items()])
-    return ToyAnalysis(table, pl.DataFrame(snaps.rows), list(trainer.events), res.summary, detection)
+    return ToyAnalysis(table, pl.DataFrame(snaps.rows), [ev.to_dict() for ev in trainer.events], res.summary,
+                       detection)
 
 
 def detection_summary(runs: list[ToyAnalysis]) -> pl.DataFrame:

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
+from fcsae import policy
 from fcsae.errors import FcsaeInputError, require
 
 # Chosen from the first-letter probe table in docs/default-model.md.
@@ -278,7 +279,7 @@ WEIGHTINGS = ("count", "activation")
 
 @dataclass(frozen=True)
 class TrackerConfig:
-    """Frequency-consistency tracker (see DESIGN.md, "The method")."""
+    """Frequency-consistency tracker (see docs/design.md, "The method")."""
 
     enabled: bool = False
     """Update the tracker every step (always on when the split criterion needs it)."""
@@ -309,7 +310,10 @@ class TrackerConfig:
                 f"stats_every: must be an integer >= 1, got {self.stats_every!r}")
 
 
-CRITERIA = ("none", "dead", "fc", "frequency", "inconsistency")
+CRITERIA = tuple(policy.CRITERIA)
+"""Names of the split criteria (the table and its meaning live in ``fcsae.policy``)."""
+OPERATIONS = tuple(policy.OPERATIONS)
+"""Names of the operations applied to score-selected latents (``fcsae.policy.OPERATIONS``)."""
 RULES = ("zscore", "top_fraction")
 
 
@@ -331,16 +335,22 @@ class SplitConfig:
     """Latents with fewer activating inputs in the buffer are not split."""
     kmeans_iters: int = 10
     """Lloyd iterations of the 2-means that divides a split latent's activating inputs."""
+    operation: str = "split"
+    """What a latent selected by a scored criterion (``fc``, ``frequency``, ``inconsistency``) undergoes: ``split``
+    (2-means of its activating inputs, the latent and a recycled one take a centroid each); see ``fcsae.policy``."""
 
     def __post_init__(self):
         _check_types(self)
-        require(self.criterion in CRITERIA, f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        require(self.criterion in policy.CRITERIA,
+                f"criterion: must be one of {', '.join(policy.CRITERIA)}, got {self.criterion!r}")
         require(self.rule in RULES, f"rule: must be one of {', '.join(RULES)}, got {self.rule!r}")
         require(0.0 < self.top_fraction <= 1.0, f"top_fraction: must be in (0, 1], got {self.top_fraction!r}")
         require(self.max_splits >= 1, f"max_splits: must be >= 1, got {self.max_splits!r}")
         require(self.min_inputs >= 2, f"min_inputs: must be >= 2, got {self.min_inputs!r}")
         require(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1,
                 f"kmeans_iters: must be an integer >= 1, got {self.kmeans_iters!r}")
+        require(self.operation in policy.OPERATIONS,
+                f"operation: must be one of {', '.join(policy.OPERATIONS)}, got {self.operation!r}")
 
 
 ABSORPTION_PROBES = ("saebench", "standardized")

@@ -1,30 +1,27 @@
-"""Resampling and splitting policies: the interface the trainer calls, and the classic baseline.
+"""Latent re-initialisation: the context a policy gets, its typed events, the one re-init path, the dead baseline.
 
 The trainer calls ``policy(ctx)`` every ``resample_every`` steps until
-``resample_until`` of training, where ``policy = make_policy(split_cfg,
-tracker_cfg)``. A policy edits the SAE (and optimizer state) in place and
-returns one event dict per touched latent::
+``resample_until`` of training, where ``policy = fcsae.policy.make_policy(split_cfg)``
+(the criterion table lives in ``fcsae.policy``). A policy returns one
+``LatentEvent`` per touched latent (per pair for a split) and changes latents
+only through ``reinit_latents``, which writes the SAE's encoder column,
+encoder bias and decoder row and resets, for exactly those latents, Adam's
+moments, the tracker's statistics and the dead counters.
 
-    {"step", "kind": "resample"|"split", "latent", "partner", "score", "group_sizes"}
-
-Criteria: ``dead`` -> ``DeadResamplePolicy`` here (classic dead-latent
-resampling, as in Anthropic's "Towards Monosemanticity"); ``fc``,
-``frequency``, ``inconsistency`` -> ``fcsae.split.SplitPolicy``; ``none`` ->
-no policy.
+``DeadResamplePolicy`` (criterion ``dead``) is classic dead-latent
+resampling, as in Anthropic's "Towards Monosemanticity".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-from fcsae.config import SplitConfig, TrackerConfig
-
 log = logging.getLogger(__name__)
-
-Policy = Callable[["ResampleContext"], list[dict]]
 
 ENCODER_NORM_FRACTION = 0.2
 """Resampled encoder directions get this fraction of the mean alive encoder norm (Anthropic's choice)."""
@@ -47,6 +44,44 @@ class ResampleContext(NamedTuple):
     """Current optimiser step."""
     generator: torch.Generator
     """The trainer's generator (checkpointed), for reproducible sampling."""
+    tokens_since_fired_F: torch.Tensor | None = None
+    """The trainer's dead counters (modified in place: a re-initialised latent starts alive); None outside a trainer."""
+
+
+@dataclass(frozen=True)
+class LatentEvent:
+    """One resampled latent or one split pair, as logged in ``events.jsonl`` and the checkpoint."""
+
+    step: int
+    """Optimiser step of the event."""
+    kind: str
+    """``resample`` (a dead latent re-pointed) or the operation's name (``split``)."""
+    latent: int
+    """The latent touched (for a split: the one that was selected)."""
+    partner: int | None = None
+    """The recycled latent that took the other half of a split; None for a resample."""
+    score: float | None = None
+    """The criterion's score of ``latent`` (resample: the chosen input's squared reconstruction error)."""
+    group_sizes: tuple[int, int] | None = None
+    """Activating inputs of each half (``latent``'s first) for a split; None for a resample."""
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready mapping (lists, not tuples)."""
+        d = dataclasses.asdict(self)
+        if d["group_sizes"] is not None:
+            d["group_sizes"] = list(d["group_sizes"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentEvent":
+        """Inverse of ``to_dict``."""
+        sizes = d.get("group_sizes")
+        return cls(**{**d, "group_sizes": tuple(sizes) if sizes is not None else None})
+
+    @property
+    def latents(self) -> list[int]:
+        """Every latent the event re-initialised."""
+        return [self.latent] if self.partner is None else [self.latent, self.partner]
 
 
 @torch.no_grad()
@@ -76,22 +111,42 @@ def reconstruction_errors(sae, x_ND: torch.Tensor, chunk: int = 4096) -> torch.T
 
 
 @torch.no_grad()
-def resample_latents(sae, optimizer, latent_ids: torch.Tensor, dirs_ND: torch.Tensor) -> None:
+def reinit_latents(ctx: ResampleContext, latent_ids, W_dec_ND: torch.Tensor, W_enc_ND: torch.Tensor,
+                   b_enc_N: torch.Tensor) -> None:
+    """The one way a latent is re-initialised: new decoder rows, encoder columns (given as rows) and encoder biases.
+
+    Also resets, for exactly these latents, Adam's moments (``reset_adam_rows``),
+    the tracker's statistics and the dead counters, so nothing of the old
+    latent survives anywhere in the training state.
+    """
+    sae = ctx.sae
+    ids = torch.as_tensor(latent_ids, dtype=torch.long, device=sae.W_dec.device).reshape(-1)
+    sae.W_dec[ids] = W_dec_ND.to(sae.W_dec.dtype)
+    sae.W_enc[:, ids] = W_enc_ND.t().to(sae.W_enc.dtype)
+    sae.b_enc[ids] = torch.as_tensor(b_enc_N, device=sae.b_enc.device).to(sae.b_enc.dtype)
+    reset_adam_rows(ctx.optimizer, sae, ids)
+    if ctx.tracker is not None:
+        ctx.tracker.reset(ids)
+    if ctx.tokens_since_fired_F is not None:
+        ctx.tokens_since_fired_F[ids.to(ctx.tokens_since_fired_F.device)] = 0
+
+
+@torch.no_grad()
+def resample_latents(ctx: ResampleContext, latent_ids: torch.Tensor, dirs_ND: torch.Tensor) -> None:
     """Point the given latents at the given input directions (classic resampling).
 
     Decoder row = unit direction; encoder column = the same direction scaled
     to ``ENCODER_NORM_FRACTION`` of the mean encoder norm of the other
-    latents; encoder bias 0; Adam moments of the touched rows reset.
+    latents; encoder bias 0.
     """
+    sae = ctx.sae
     unit_ND = dirs_ND / dirs_ND.norm(dim=1, keepdim=True).clamp_min(1e-12)
     alive_F = torch.ones(sae.cfg.dict_size, dtype=torch.bool, device=unit_ND.device)
     alive_F[latent_ids] = False
     enc_norms_F = sae.W_enc.norm(dim=0)
     mean_norm = enc_norms_F[alive_F].mean() if alive_F.any() else enc_norms_F.mean()
-    sae.W_dec[latent_ids] = unit_ND
-    sae.W_enc[:, latent_ids] = (unit_ND * ENCODER_NORM_FRACTION * mean_norm).t()
-    sae.b_enc[latent_ids] = 0.0
-    reset_adam_rows(optimizer, sae, latent_ids)
+    reinit_latents(ctx, latent_ids, unit_ND, unit_ND * ENCODER_NORM_FRACTION * mean_norm,
+                   torch.zeros(len(latent_ids)))
 
 
 class DeadResamplePolicy:
@@ -103,7 +158,10 @@ class DeadResamplePolicy:
     Inputs are centred by ``b_dec`` first, since the encoder sees ``x - b_dec``.
     """
 
-    def __call__(self, ctx: ResampleContext) -> list[dict]:
+    def __init__(self, split_cfg=None):
+        """No settings: every dead latent is resampled (``split_cfg`` is accepted like every policy's)."""
+
+    def __call__(self, ctx: ResampleContext) -> list[LatentEvent]:
         """Resample all dead latents; return one ``resample`` event per latent."""
         dead_ids = torch.nonzero(ctx.dead_mask_F).flatten()
         n = len(dead_ids)
@@ -116,20 +174,7 @@ class DeadResamplePolicy:
         pick_N = torch.multinomial(err_N.cpu(), n, replacement=replacement, generator=ctx.generator)
         pick_N = pick_N.to(ctx.buffer_ND.device)
         dirs_ND = ctx.buffer_ND[pick_N] - ctx.sae.b_dec.detach()
-        resample_latents(ctx.sae, ctx.optimizer, dead_ids, dirs_ND)
-        if ctx.tracker is not None:
-            ctx.tracker.reset(dead_ids)
+        resample_latents(ctx, dead_ids, dirs_ND)
         log.debug("step %d: resampled %d dead latents", ctx.step, n)
-        return [{"step": ctx.step, "kind": "resample", "latent": int(i), "partner": None,
-                 "score": float(err_N[p]), "group_sizes": None} for i, p in zip(dead_ids.tolist(), pick_N.tolist())]
-
-
-def make_policy(split_cfg: SplitConfig, tracker_cfg: TrackerConfig) -> Policy | None:
-    """The policy for ``split_cfg.criterion``: None, the dead-latent baseline, or a ``SplitPolicy``."""
-    if split_cfg.criterion == "none":
-        return None
-    if split_cfg.criterion == "dead":
-        return DeadResamplePolicy()
-    from fcsae.split import SplitPolicy  # lazy: the split module is optional for plain training
-
-    return SplitPolicy(split_cfg)
+        return [LatentEvent(ctx.step, "resample", int(i), score=float(err_N[p]))
+                for i, p in zip(dead_ids.tolist(), pick_N.tolist())]

@@ -1,8 +1,10 @@
-"""Absorption-guided latent splitting (DESIGN.md, "The method").
+"""Absorption-guided latent splitting (docs/design.md, "The method").
 
-At each resampling event ``SplitPolicy`` reads the tracker's scores, selects
-latents by the configured criterion and rule, and splits each selected latent
-i in two:
+At each resampling event ``SplitPolicy`` reads the tracker's scores, ranks
+latents by the criterion's score (``fcsae.policy.CRITERIA``), selects them by
+the configured rule, and applies ``split.operation``
+(``fcsae.policy.OPERATIONS``) to each; the ``split`` operation
+(``split_latent``) divides a selected latent i in two:
 
 1. its activating inputs in the recent buffer (found by running the SAE on the
    buffer) are taken relative to ``b_dec`` -- the origin the SAE's encoder and
@@ -18,8 +20,8 @@ i in two:
    latent i's norm) fired both halves on shared components and raised a small
    toy run's FVU from 0.64 to ~1.3; the classic 0.2 x mean norm makes an alive
    latent's halves too weak to enter a TopK SAE's top k;
-4. Adam moments (``fcsae.resample.reset_adam_rows``) and tracker statistics of
-   i and j are reset.
+4. both are written through ``fcsae.resample.reinit_latents``, which resets
+   their Adam moments, tracker statistics and dead counters.
 
 Latents with fewer than ``min_inputs`` activating inputs in the buffer, or
 whose inputs do not separate into two non-empty groups, are skipped.
@@ -27,17 +29,18 @@ whose inputs do not separate into two non-empty groups, are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import NamedTuple
 
 import torch
 
+from fcsae import policy
 from fcsae.config import SplitConfig
 from fcsae.errors import FcsaeInputError
+from fcsae.resample import LatentEvent, ResampleContext, reinit_latents
 
 log = logging.getLogger(__name__)
-
-SPLIT_CRITERIA = ("fc", "frequency", "inconsistency")
 
 ENCODE_CHUNK = 2048
 """Buffer rows encoded at once when looking for activating inputs (bounds the dense [chunk, F] memory)."""
@@ -55,14 +58,14 @@ class TwoMeans(NamedTuple):
 
 
 def criterion_scores(criterion: str, scores) -> torch.Tensor:
-    """The per-latent quantity a criterion ranks by: ``fc`` s_i, ``frequency`` f_i, ``inconsistency`` 1 - c_i."""
-    if criterion == "fc":
-        return scores.score_F
-    if criterion == "frequency":
-        return scores.freq_F
-    if criterion == "inconsistency":
-        return 1.0 - scores.consistency_F
-    raise ValueError(f"criterion {criterion!r} is not a splitting criterion (fc, frequency, inconsistency)")
+    """The per-latent quantity a criterion ranks by (its ``score`` in ``fcsae.policy.CRITERIA``)."""
+    if criterion not in policy.CRITERIA or not policy.scored(criterion):
+        raise ValueError(f"criterion {criterion!r} is not a scored criterion ({', '.join(_scored_names())})")
+    return policy.CRITERIA[criterion].score(scores)
+
+
+def _scored_names() -> list[str]:
+    return [n for n in policy.CRITERIA if policy.scored(n)]
 
 
 def select_latents(score_F: torch.Tensor, eligible_F: torch.Tensor, cfg: SplitConfig) -> torch.Tensor:
@@ -141,17 +144,18 @@ def activating_rows(sae, x_ND: torch.Tensor, latent_ids: torch.Tensor, tau_act: 
 
 
 class SplitPolicy:
-    """Split latents whose frequency/consistency score passes ``split_cfg``'s rule (see the module docstring)."""
+    """Apply ``split.operation`` to the latents whose criterion score passes ``split.rule`` (see the module docstring)."""
 
     def __init__(self, split_cfg: SplitConfig):
-        """Check that the criterion is one that splits (``fc``, ``frequency``, ``inconsistency``)."""
-        if split_cfg.criterion not in SPLIT_CRITERIA:
-            raise FcsaeInputError(f"criterion: SplitPolicy needs one of {', '.join(SPLIT_CRITERIA)}, got {split_cfg.criterion!r}")
+        """Check that the criterion ranks by a tracker score; look up the operation."""
+        if split_cfg.criterion not in _scored_names():
+            raise FcsaeInputError(f"criterion: SplitPolicy needs one of {', '.join(_scored_names())}, got {split_cfg.criterion!r}")
         self.cfg = split_cfg
+        self.operation = policy.load(policy.OPERATIONS[split_cfg.operation].fn)
 
     @torch.no_grad()
-    def __call__(self, ctx) -> list[dict]:
-        """Select, split and recycle; return one ``split`` event dict per split."""
+    def __call__(self, ctx: ResampleContext) -> list[LatentEvent]:
+        """Select, operate and recycle; return one event per operated latent."""
         if ctx.tracker is None:
             raise ValueError(f"split criterion {self.cfg.criterion!r} needs the frequency-consistency tracker")
         sae, cfg = ctx.sae, self.cfg
@@ -164,27 +168,33 @@ class SplitPolicy:
         tau = getattr(getattr(ctx.tracker, "cfg", None), "tau_act", 0.0)
         rows = activating_rows(sae, ctx.buffer_ND, candidates, tau)
         partners = recycle_order(dead_F, scores.freq_F, candidates)
-        events: list[dict] = []
+        events: list[LatentEvent] = []
         for lat, rows_N in zip(candidates.tolist(), rows):
             if len(events) >= cfg.max_splits or not partners:
                 break
             if rows_N.numel() < cfg.min_inputs:
-                log.debug("step %d: latent %d not split: %d activating inputs < min_inputs %d",
+                log.debug("step %d: latent %d skipped: %d activating inputs < min_inputs %d",
                           ctx.step, lat, rows_N.numel(), cfg.min_inputs)
                 continue
-            x_ND = ctx.buffer_ND[rows_N] - sae.b_dec
-            km = two_means(x_ND, cfg.kmeans_iters, ctx.generator)
-            if km is None:
-                log.debug("step %d: latent %d not split: its inputs do not form two groups", ctx.step, lat)
+            ev = self.operation(ctx, cfg, lat, ctx.buffer_ND[rows_N] - sae.b_dec, partners[0])
+            if ev is None:
                 continue
-            partner = partners.pop(0)
-            sizes = apply_split(ctx, lat, partner, km)
-            ev = {"step": ctx.step, "kind": "split", "latent": lat, "partner": partner,
-                  "score": float(score_F[lat]), "group_sizes": list(sizes)}
-            log.info("step %d: split latent %d (%s score %.4g) into %d and %d, groups %s",
-                     ctx.step, lat, cfg.criterion, ev["score"], lat, partner, sizes)
+            partners.pop(0)
+            ev = dataclasses.replace(ev, score=float(score_F[lat]))
+            log.info("step %d: %s latent %d (%s score %.4g) into %d and %d, groups %s",
+                     ctx.step, ev.kind, lat, cfg.criterion, ev.score, lat, ev.partner, ev.group_sizes)
             events.append(ev)
         return events
+
+
+def split_latent(ctx: ResampleContext, cfg: SplitConfig, lat: int, x_ND: torch.Tensor,
+                 partner: int) -> LatentEvent | None:
+    """The ``split`` operation: 2-means of ``x_ND``, then ``apply_split``; None when the inputs form no two groups."""
+    km = two_means(x_ND, cfg.kmeans_iters, ctx.generator)
+    if km is None:
+        log.debug("step %d: latent %d not split: its inputs do not form two groups", ctx.step, lat)
+        return None
+    return LatentEvent(ctx.step, "split", lat, partner, group_sizes=apply_split(ctx, lat, partner, km))
 
 
 def recycle_order(dead_F: torch.Tensor, freq_F: torch.Tensor, selected: torch.Tensor) -> list[int]:
@@ -242,15 +252,13 @@ def split_encoders(cent_2D: torch.Tensor, max_norm: float | None = None) -> Spli
 
 
 @torch.no_grad()
-def apply_split(ctx, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
-    """Point ``lat`` and ``partner`` at the two centroids; reset their Adam moments and tracker statistics.
+def apply_split(ctx: ResampleContext, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
+    """Point ``lat`` and ``partner`` at the two centroids through ``reinit_latents``.
 
     Decoder rows are the unit centroid directions, encoder columns and biases
     come from ``split_encoders``.
     Returns the group sizes as (``lat``'s group, ``partner``'s group).
     """
-    from fcsae.resample import reset_adam_rows  # the trainer's module; imported late to keep import order simple
-
     sae = ctx.sae
     cent_2D = km.centroids_2D.float()
     unit_2D = cent_2D / cent_2D.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -259,11 +267,6 @@ def apply_split(ctx, lat: int, partner: int, km: TwoMeans) -> tuple[int, int]:
     enc = split_encoders(cent_2D, max_norm=float(sae.W_enc[:, lat].norm()))
     own = sae.W_dec[lat] / sae.W_dec[lat].norm().clamp_min(1e-12)
     mine = int((unit_2D @ own.float()).argmax())  # keep the half closest to what the latent already is
-    other = 1 - mine
-    for latent_id, g in ((lat, mine), (partner, other)):
-        sae.W_dec[latent_id] = unit_2D[g].to(sae.W_dec.dtype)
-        sae.W_enc[:, latent_id] = enc.W_2D[g].to(sae.W_enc.dtype)
-        sae.b_enc[latent_id] = enc.b_2[g].to(sae.b_enc.dtype)
-    reset_adam_rows(ctx.optimizer, sae, [lat, partner])
-    ctx.tracker.reset([lat, partner])
-    return km.sizes[mine], km.sizes[other]
+    order = [mine, 1 - mine]
+    reinit_latents(ctx, [lat, partner], unit_2D[order], enc.W_2D[order], enc.b_2[order])
+    return km.sizes[mine], km.sizes[1 - mine]

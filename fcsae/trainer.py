@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 from fcsae.config import SPARSE_ACTIVATIONS, SAEConfig, SplitConfig, TrackerConfig, TrainerConfig, from_dict
 from fcsae.errors import FcsaeInputError
 from fcsae.io import atomic_path, write_json
-from fcsae.resample import ResampleContext, make_policy
+from fcsae.policy import make_policy, needs_tracker
+from fcsae.resample import LatentEvent, ResampleContext
 from fcsae.sae import ForwardOutput, SparseAutoencoder, bf16_encoder_pays
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-TRACKED_CRITERIA = ("fc", "frequency", "inconsistency")
 LOGGED_METRICS = ("loss", "mse", "l1", "auxk", "fvu", "l0", "dead_frac", "lr", "step", "tokens")
 """Interim metrics ``Trainer._metrics`` logs every ``log_every`` steps (loss parts depend on the activation);
 sweeps may early-stop on them as ``train.<name>``."""
@@ -61,6 +61,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
+class StepOutput(NamedTuple):
+    """What ``Trainer.train_step`` returns."""
+
+    metrics: dict | None
+    """Metrics on logging steps (every ``log_every`` and the last), else None."""
+    events: list
+    """The ``LatentEvent`` s of a resampling event at this step (empty on most steps)."""
+
+
 class TrainResult(NamedTuple):
     """What ``train_from_cache`` returns."""
 
@@ -69,7 +78,7 @@ class TrainResult(NamedTuple):
     tracker: Any
     """The ``FrequencyConsistencyTracker`` or None."""
     events: list
-    """All resample/split events of the run (also in ``out_dir/events.jsonl``)."""
+    """All ``LatentEvent`` s of the run (also in ``out_dir/events.jsonl``)."""
     metrics: dict
     """Metrics of the last step."""
     out_dir: Path
@@ -104,7 +113,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.tracker = None
-        if tracker_cfg.enabled or split_cfg.criterion in TRACKED_CRITERIA:
+        if needs_tracker(split_cfg, tracker_cfg):
             from fcsae.tracker import FrequencyConsistencyTracker  # lazy: optional for plain training
 
             self.tracker = FrequencyConsistencyTracker(tracker_cfg, n_lat, d_in, device=self.device)
@@ -114,8 +123,7 @@ class Trainer:
         self.buffer_ND = torch.zeros(cfg.buffer_tokens, d_in, device=self.device)
         self.buffer_pos = 0
         self.buffer_fill = 0
-        self.events: list[dict] = []
-        self._new_events: list[dict] = []
+        self.events: list[LatentEvent] = []
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------ schedules
@@ -163,8 +171,8 @@ class Trainer:
         parts["loss"] = loss
         return loss, parts, out
 
-    def train_step(self, x_BD: torch.Tensor) -> dict | None:
-        """One optimiser step on ``x_BD``; returns metrics on logging steps, else None."""
+    def train_step(self, x_BD: torch.Tensor) -> "StepOutput":
+        """One optimiser step on ``x_BD`` (then a resampling event when one is due)."""
         c, sae, step = self.cfg, self.sae, self.step
         x_BD = x_BD.to(self.device, torch.float32)
         if step == 0 and c.b_dec_init != "zeros":
@@ -191,10 +199,11 @@ class Trainer:
                 sae.update_threshold(out, c.threshold_decay)
             self._update_counters(out, x_BD)
         self.step += 1
-        self._maybe_resample()
+        events = self._maybe_resample()
+        metrics = None
         if self.step % c.log_every == 0 or self.step >= c.total_steps:
-            return self._metrics(parts, out, x_BD, lr)
-        return None
+            metrics = self._metrics(parts, out, x_BD, lr)
+        return StepOutput(metrics, events)
 
     def _update_counters(self, out: ForwardOutput, x_BD: torch.Tensor) -> None:
         if out.idx_BK is not None:
@@ -220,21 +229,16 @@ class Trainer:
         self.buffer_pos = (self.buffer_pos + n) % cap
         self.buffer_fill = min(cap, self.buffer_fill + n)
 
-    def _maybe_resample(self) -> list[dict]:
+    def _maybe_resample(self) -> list[LatentEvent]:
         c = self.cfg
         if self.policy is None or c.resample_every == 0 or self.step % c.resample_every:
             return []
         if self.step > c.resample_until * c.total_steps:
             return []
         ctx = ResampleContext(self.sae, self.optimizer, self.buffer_ND[:self.buffer_fill], self.dead_mask_F,
-                              self.tracker, self.step, self.generator)
+                              self.tracker, self.step, self.generator, self.tokens_since_fired_F)
         events = self.policy(ctx) or []
-        for ev in events:
-            for lat in (ev.get("latent"), ev.get("partner")):
-                if lat is not None:
-                    self.tokens_since_fired_F[lat] = 0
         self.events.extend(events)
-        self._new_events = events
         return events
 
     @torch.no_grad()
@@ -259,19 +263,18 @@ class Trainer:
         """Train until ``total_steps`` (or the stream ends); returns the events of this call."""
         callbacks = list(callbacks or [])
         c = self.cfg
-        new_events: list[dict] = []
+        new_events: list[LatentEvent] = []
         if self.step >= c.total_steps:
             return new_events
         bar = tqdm(total=c.total_steps * c.batch_size, initial=self.step * c.batch_size, unit="tok",
                    unit_scale=True, disable=not progress, desc="train")
         try:
             for x_BD in batches:
-                self._new_events = []
-                metrics = self.train_step(x_BD)
+                metrics, events = self.train_step(x_BD)
                 bar.update(len(x_BD))
-                for ev in self._new_events:
+                for ev in events:
                     _callback(callbacks, "on_event", ev)
-                new_events.extend(self._new_events)
+                new_events.extend(events)
                 if metrics is not None:
                     bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
                     _callback(callbacks, "on_metrics", self.step, metrics)
@@ -312,7 +315,8 @@ class Trainer:
             save_file(self.state_tensors(), str(tmp / STATE_TENSORS))
             meta = {
                 "version": CHECKPOINT_VERSION, "step": self.step, "buffer_pos": self.buffer_pos,
-                "buffer_fill": self.buffer_fill, "fast": self.sae.fast, "events": self.events,
+                "buffer_fill": self.buffer_fill, "fast": self.sae.fast,
+                "events": [ev.to_dict() for ev in self.events],
                 "sae": dataclasses.asdict(self.sae.cfg), "trainer": dataclasses.asdict(self.cfg),
                 "split": dataclasses.asdict(self.split_cfg), "tracker": dataclasses.asdict(self.tracker_cfg),
             }
@@ -346,7 +350,7 @@ class Trainer:
                       from_dict(TrackerConfig, meta["tracker"], "tracker."))
         trainer._load_tensors(tensors, path)
         trainer.step, trainer.buffer_pos, trainer.buffer_fill = meta["step"], meta["buffer_pos"], meta["buffer_fill"]
-        trainer.events = list(meta["events"])
+        trainer.events = [LatentEvent.from_dict(ev) for ev in meta["events"]]
         return trainer
 
     @torch.no_grad()
@@ -388,7 +392,7 @@ class LogMetrics:
     def on_metrics(self, step: int, metrics: dict) -> None:
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step",)))
 
-    def on_event(self, event: dict) -> None:
+    def on_event(self, event) -> None:
         log.debug("event %s", event)
 
 
@@ -456,7 +460,7 @@ def train_from_cache(cache_path, sae_cfg: SAEConfig, trainer_cfg: TrainerConfig,
     extra = {f"tracker.{k}": v for k, v in trainer.tracker.state_dict().items()} if trainer.tracker is not None else None
     trainer.sae.save(out_dir / "sae", extra_tensors=extra)
     with atomic_path(out_dir / "events.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(ev) + "\n" for ev in trainer.events))
+        tmp.write_text("".join(json.dumps(ev.to_dict()) + "\n" for ev in trainer.events))
     metrics = trainer.last_metrics
     write_json(out_dir / "train.json", {
         "cache": str(cache_path), "norm_scale": cache.norm_scale, "step": trainer.step, "metrics": metrics,

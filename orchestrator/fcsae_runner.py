@@ -112,7 +112,7 @@ def run(ctx: TrialContext) -> TrialOutcome:
         absorption = evaluate_absorption(result.sae, cfgs["lm"], cfgs["eval"], shared["norm_scale"], lm=_lm(cfgs["lm"]))
         metrics.update({f"absorption.{k}": v for k, v in absorption.summary.items()})
         per_letter = absorption.per_letter
-    kinds = [ev.get("kind") for ev in result.events]
+    kinds = [ev.kind for ev in result.events]
     return TrialOutcome(
         metrics=metrics, per_letter=per_letter, configs=cfgs,
         tokens_trained=int(result.metrics.get("tokens", cfgs["trainer"].total_steps * cfgs["trainer"].batch_size)),

@@ -23,8 +23,9 @@ How to add a column (a new config field or metric):
 
 1. add it to the list it belongs to (``CONFIG_FIELDS`` for a config field, with
    its pyarrow type; ``CORE_COLUMNS``/``ABSORPTION_COLUMNS``/``_TRAINING`` ...
-   with a docstring otherwise), at the end of that list;
-2. bump ``SCHEMA_VERSION``'s MINOR (``1.0`` -> ``1.1``): old files then read
+   with a docstring otherwise); readers match columns by name, so the place
+   in the list is free;
+2. bump ``SCHEMA_VERSION``'s MINOR (``1.5`` -> ``1.6``): old files then read
    with the new column null;
 3. run ``.venv/bin/python -m results_schema.schema --freeze`` to add the new
    version's column list to ``versions.json`` (it refuses to change a version
@@ -34,6 +35,10 @@ Renaming, removing or retyping a column is a MAJOR bump (readers refuse files
 of another major), except widening int64 to double (``MINOR_WIDENINGS``): the
 reader casts the older files' integers (1.1 widened ``sae.k`` for
 batchtopk's fractional k).
+
+History: 1.0 the first release; 1.1 batchtopk/matryoshka fields (``sae.k`` widened to double);
+1.2 ``failure_detail``; 1.3 absorption interval/meaningfulness columns; 1.4 ``trainer.bf16_encoder``;
+1.5 ``split.operation``.
 
 Versioning: ``MAJOR.MINOR``. A minor bump only adds nullable columns, so readers
 accept any minor of a major they know; a new major means a changed meaning or
@@ -56,7 +61,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -94,7 +99,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("tracker.enabled", BOOL), ("tracker.ema_alpha", F64), ("tracker.tau_act", F64), ("tracker.consistency", STR),
     ("tracker.horizon", STR), ("tracker.weighting", STR), ("tracker.stats_every", I64),
     ("split.criterion", STR), ("split.rule", STR), ("split.z", F64), ("split.top_fraction", F64),
-    ("split.max_splits", I64), ("split.min_inputs", I64), ("split.kmeans_iters", I64),
+    ("split.max_splits", I64), ("split.min_inputs", I64), ("split.kmeans_iters", I64), ("split.operation", STR),
     ("eval.core_tokens", I64), ("eval.absorption_words", I64), ("eval.icl_examples", I64), ("eval.probe_f1_min", F64),
     ("eval.max_k", I64), ("eval.f1_jump", F64), ("eval.seed", I64), ("eval.corpus", STR), ("eval.context_len", I64),
     ("eval.batch_size", I64), ("eval.kl_topk", I64), ("eval.icl_prefixes", I64),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fcsae.config import SAEConfig, SplitConfig, TrackerConfig
-from fcsae.resample import (ENCODER_NORM_FRACTION, DeadResamplePolicy, ResampleContext, make_policy,
-                            reset_adam_rows)
+from fcsae.policy import make_policy
+from fcsae.resample import ENCODER_NORM_FRACTION, DeadResamplePolicy, ResampleContext, reset_adam_rows
 from fcsae.sae import SparseAutoencoder
 
 D, FN, K = 8, 32, 3
@@ -58,8 +58,8 @@ def test_dead_resampling_touches_exactly_dead_latents():
     W_enc0, W_dec0, b_enc0 = sae.W_enc.detach().clone(), sae.W_dec.detach().clone(), sae.b_enc.detach().clone()
     buffer = torch.randn(200, D, generator=torch.Generator().manual_seed(1)) * 3
     events = DeadResamplePolicy()(_ctx(sae, opt, buffer, dead))
-    assert sorted(e["latent"] for e in events) == dead_ids
-    assert all(e["kind"] == "resample" and e["step"] == 10 and e["partner"] is None for e in events)
+    assert sorted(e.latent for e in events) == dead_ids
+    assert all(e.kind == "resample" and e.step == 10 and e.partner is None for e in events)
     alive = ~dead
     assert torch.equal(sae.W_dec[alive], W_dec0[alive]) and torch.equal(sae.W_enc[:, alive], W_enc0[:, alive])
     assert torch.equal(sae.b_enc[alive], b_enc0[alive])
@@ -90,7 +90,7 @@ def test_inputs_sampled_by_reconstruction_error():
     dead = torch.zeros(FN, dtype=torch.bool)
     dead[4] = True
     events = DeadResamplePolicy()(_ctx(sae, opt, buffer, dead))
-    assert len(events) == 1 and events[0]["score"] == pytest.approx(25.0)
+    assert len(events) == 1 and events[0].score == pytest.approx(25.0)
     torch.testing.assert_close(sae.W_dec[4], torch.eye(D)[3])
 
 

@@ -113,9 +113,9 @@ def test_split_puts_the_two_latents_on_the_planted_clusters(caplog):
         events = SplitPolicy(SplitConfig(criterion="fc", rule="top_fraction", top_fraction=0.01, min_inputs=8))(ctx)
     assert len(events) == 1
     ev = events[0]
-    assert ev["kind"] == "split" and ev["latent"] == 0 and ev["partner"] == 5 and ev["step"] == 10
-    assert ev["score"] == pytest.approx(float(tracker_scores_before(x)))
-    assert sorted(ev["group_sizes"]) == [24, 40]
+    assert ev.kind == "split" and ev.latent == 0 and ev.partner == 5 and ev.step == 10
+    assert ev.score == pytest.approx(float(tracker_scores_before(x)))
+    assert sorted(ev.group_sizes) == [24, 40]
     cos = torch.stack([sae.W_dec[0], sae.W_dec[5]]) @ torch.stack([e0, e1]).T
     # One latent on each cluster direction (which is which: latent 0 keeps the closer one, a tie here).
     assert (cos.max(1).values > 0.99).all() and cos.argmax(1).unique().numel() == 2
@@ -188,8 +188,8 @@ def test_max_splits_caps_and_partners_are_distinct():
                                      min_inputs=4))(context(sae, x, tracker, dead_ids=()))
     assert len(events) == 3
     # Selected: the most frequent; partners: the least frequent, none of the 8 selected.
-    assert [e["latent"] for e in events] == torch.sort(-freq, stable=True).indices[:3].tolist()
-    assert [e["partner"] for e in events] == order[:3]
+    assert [e.latent for e in events] == torch.sort(-freq, stable=True).indices[:3].tolist()
+    assert [e.partner for e in events] == order[:3]
 
 
 def test_bad_criterion_is_input_error():
@@ -216,11 +216,11 @@ def test_every_criterion_runs_end_to_end_in_the_trainer(criterion, tmp_path):
     events = trainer.fit(batches)
     assert trainer.step == 60
     if criterion in ("fc", "frequency", "inconsistency"):
-        assert len(events) == 1 and events[0]["kind"] == "split" and events[0]["step"] == 20
-        assert events[0]["partner"] is not None and sum(events[0]["group_sizes"]) >= 4
+        assert len(events) == 1 and events[0].kind == "split" and events[0].step == 20
+        assert events[0].partner is not None and sum(events[0].group_sizes) >= 4
     elif criterion == "none":
         assert events == []
-    assert all(e["kind"] == "resample" for e in events if criterion == "dead")
+    assert all(e.kind == "resample" for e in events if criterion == "dead")
     fvu = trainer.last_metrics["fvu"]
     assert 0 <= fvu < 1.0
     # Tracker state goes through the checkpoint.

@@ -217,7 +217,7 @@ def test_train_from_cache_writes_outputs_and_resumes(tmp_path, fake_cache):
     loaded = SparseAutoencoder.load(out / "sae", expect=sae_cfg)
     torch.testing.assert_close(loaded.W_dec, res.sae.W_dec)
     lines = (out / "events.jsonl").read_text().splitlines()
-    assert [json.loads(x) for x in lines] == res.events
+    assert [json.loads(x) for x in lines] == [ev.to_dict() for ev in res.events]
     info = json.loads((out / "train.json").read_text())
     assert info["norm_scale"] == 0.5 and info["step"] == 12 and math.isfinite(info["metrics"]["fvu"])
     # a second call finds the finished checkpoint and does not train again

@@ -53,22 +53,31 @@ def test_a_retyped_or_dropped_column_without_a_bump_fails():
     assert any("letter" in p for p in _planted(lambda c: c["per_letter"].pop(3)))
 
 
+def _next(version, major_bump=False):
+    major, minor = map(int, version.split("."))
+    return f"{major + 1}.0" if major_bump else f"{major}.{minor + 1}"
+
+
 def test_minor_bump_may_only_add_and_version_must_be_newest():
     versions = schema.load_versions()
     cur = schema.current_form()
-    major_v, minor_v = schema.SCHEMA_VERSION.split(".")
-    nxt = f"{major_v}.{int(minor_v) + 1}"  # the next minor, whatever the current one is
+    v, minor, new_major = schema.SCHEMA_VERSION, _next(schema.SCHEMA_VERSION), _next(schema.SCHEMA_VERSION, True)
     added = copy.deepcopy(cur)
     added["trial"].append(["core.x", "double"])
-    assert schema.version_problems({**versions, nxt: added}, nxt, added) == []
+    assert schema.version_problems({**versions, minor: added}, minor, added) == []
     dropped = copy.deepcopy(cur)
     dropped["trial"].pop()
-    problems = schema.version_problems({**versions, nxt: dropped}, nxt, dropped)
-    assert any(f"minor bump of {schema.SCHEMA_VERSION}" in p for p in problems), problems
-    assert schema.version_problems({**versions, "2.0": dropped}, "2.0", dropped) == []
-    assert any("older than the newest" in p
-               for p in schema.version_problems({**versions, nxt: added}, schema.SCHEMA_VERSION, cur))
-    assert any("not frozen" in p for p in schema.version_problems(versions, "1.9", cur))
+    problems = schema.version_problems({**versions, minor: dropped}, minor, dropped)
+    assert any(f"minor bump of {v}" in p for p in problems)
+    assert schema.version_problems({**versions, new_major: dropped}, new_major, dropped) == []
+    assert any("older than the newest" in p for p in schema.version_problems({**versions, minor: added}, v, cur))
+    assert any("not frozen" in p for p in schema.version_problems(versions, _next(minor), cur))
+
+
+def test_every_frozen_minor_only_added_columns():
+    versions = schema.load_versions()
+    assert schema.version_problems(versions, schema.SCHEMA_VERSION, schema.current_form()) == []
+    assert "1.0" in versions and schema.SCHEMA_VERSION in versions
 
 
 def test_freeze_refuses_to_rewrite_a_frozen_version(tmp_path, monkeypatch):
