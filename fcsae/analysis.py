@@ -1,6 +1,6 @@
 """Frequency-consistency patterns: per-latent tables and figures from a saved SAE's tracker, or from the planted toy.
 
-What it shows, for each latent i (DESIGN.md, "The method"): the firing
+What it shows, for each latent i (docs/design.md, "The method"): the firing
 frequency f_i against the consistency c_i, coloured by what the absorption
 eval says the latent is (an *absorber*, a letter's *main* latent, or *other*);
 the distribution of the score s_i = f_i (1 - c_i); and how score quantiles and

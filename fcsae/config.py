@@ -271,6 +271,26 @@ class TrainerConfig:
         """Number of optimiser steps."""
         return max(1, self.total_tokens // self.batch_size)
 
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether the trainer checkpoints after ``step`` (every ``checkpoint_every`` steps and at the end).
+
+        The one definition of the cadence: the trainer and the sweep's
+        trials (which attach a Tune checkpoint to that step's report) ask here.
+        """
+        return step >= self.total_steps or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
+
+    def resumable(self, checkpoints: int = 10) -> "TrainerConfig":
+        """This config, checkpointing about ``checkpoints`` times per run when ``checkpoint_every`` is 0.
+
+        Used by sweep trials so that an interrupted trial continues instead of
+        restarting. The interval is a multiple of ``log_every``, so every
+        checkpoint step also has that step's metrics.
+        """
+        if self.checkpoint_every:
+            return self
+        every = max(1, self.total_steps // checkpoints // self.log_every) * self.log_every
+        return dataclasses.replace(self, checkpoint_every=every)
+
 
 CONSISTENCY = ("normalized", "seed")
 HORIZONS = ("ema", "all")

@@ -1,7 +1,9 @@
 """Shared figure helpers for reports and analyses: axis labels with units, a label check, atomic PNG writes.
 
-Matplotlib runs on the non-interactive Agg backend (no display on servers and
-in CI). Every saved figure must have labelled axes: ``save_png`` refuses one
+Figures are plain ``matplotlib.figure.Figure`` objects, not pyplot's: they
+need no display and no backend switch, so importing this module changes no
+global matplotlib state (a program that uses pyplot interactively keeps its
+backend) and works on servers and in CI. Every saved figure must have labelled axes: ``save_png`` refuses one
 without (a programming error, ``ValueError``), so no unlabelled figure reaches
 a report.
 """
@@ -10,14 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # before pyplot: headless machines have no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from fcsae.io import atomic_path  # noqa: E402
+from fcsae.io import atomic_path
 
 AXIS_LABELS: dict[str, str] = {
     "absorption.mean_absorption_fraction": "absorption fraction (share of true positives)",
@@ -78,7 +75,8 @@ def colour_for(value, i: int) -> str:
 
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list]:
     """A figure with ``ncols`` side-by-side axes (returned as a list)."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig = Figure(figsize=(width * ncols, height))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 
@@ -94,14 +92,12 @@ def unlabelled_axes(fig: Figure) -> list[str]:
 
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 130) -> Path:
-    """Check the labels, write ``fig`` as a PNG atomically, close it; returns the path."""
+    """Check the labels, write ``fig`` as a PNG atomically; returns the path."""
     bad = unlabelled_axes(fig)
     if bad:
-        plt.close(fig)
         raise ValueError(f"figure {Path(path).name}: unlabelled axes: {', '.join(bad)}")
     path = Path(path)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
     return path

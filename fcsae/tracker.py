@@ -1,4 +1,4 @@
-"""Streaming per-latent frequency and consistency statistics (DESIGN.md, "The method").
+"""Streaming per-latent frequency and consistency statistics (docs/design.md, "The method").
 
 For each latent i the tracker keeps
 

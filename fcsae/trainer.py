@@ -278,10 +278,9 @@ class Trainer:
                 if metrics is not None:
                     bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
                     _callback(callbacks, "on_metrics", self.step, metrics)
-                done = self.step >= c.total_steps
-                if done or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
+                if c.checkpoints_at(self.step):
                     _callback(callbacks, "on_checkpoint", self.step)
-                if done:
+                if self.step >= c.total_steps:
                     break
         finally:
             bar.close()

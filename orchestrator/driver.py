@@ -360,8 +360,11 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     """
     from ray import tune
 
+    from orchestrator.live_callbacks import LiveCallbacks, set_live
+
     paths = ExperimentPaths(root)
     trainable = _trainable(spec, shared, root, sweep_id, fail_fast)
+    set_live(callbacks)  # a restored tuner's unpickled LiveCallbacks forward to these too
     # Read by Tune in this (driver) process: interim reports carry no objective yet, only the final one does.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Checkpoints are never deleted by Ray (num_to_keep=None): Ray deletes an old checkpoint when it registers a
@@ -374,18 +377,15 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     ray_path, ray_fs = _ray_storage(paths.ray)
     if resuming and tune.Tuner.can_restore(ray_path, storage_filesystem=ray_fs):
         log.info("restoring Ray Tune state from %s", paths.ray)
-        tuner = tune.Tuner.restore(ray_path, trainable=trainable, _resume_config=_resume_config(paths),
-                                   storage_filesystem=ray_fs)
-        # restore() unpickles the old RunConfig, callbacks included: give it this driver's live ones.
-        tuner._local_tuner.get_run_config().callbacks = callbacks
-        return tuner
+        return tune.Tuner.restore(ray_path, trainable=trainable, _resume_config=_resume_config(paths),
+                                  storage_filesystem=ray_fs)
     if resuming and reader.trial_files(paths.results):
         raise FcsaeInputError(f"{root}: results exist but Ray's experiment state is missing; pass --restart")
     tune_cfg = tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec), num_samples=spec.num_samples,
                                reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id)
     run_cfg = tune.RunConfig(
-        name=paths.ray.name, storage_path=str(Path(ray_path).parent), storage_filesystem=ray_fs, callbacks=callbacks,
-        verbose=0,
+        name=paths.ray.name, storage_path=str(Path(ray_path).parent), storage_filesystem=ray_fs,
+        callbacks=[LiveCallbacks()], verbose=0,
         failure_config=tune.FailureConfig(max_failures=0 if fail_fast else max_failures, fail_fast=fail_fast),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     return tune.Tuner(trainable, tune_config=tune_cfg, run_config=run_cfg)

@@ -8,7 +8,6 @@ worker load it once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,6 @@ def prepare(spec: SweepSpec) -> dict[str, Any]:
     return {"cache_path": str(Path(cache_path).resolve()), "d_in": int(cache.d_in), "norm_scale": float(cache.norm_scale)}
 
 
-def resumable_trainer_cfg(cfg):
-    """Checkpoint at least every ~10% of training so an interrupted trial continues instead of restarting."""
-    if cfg.checkpoint_every:
-        return cfg
-    # A multiple of log_every, so every checkpoint report carries that step's metrics.
-    every = max(1, cfg.total_steps // 10 // cfg.log_every) * cfg.log_every
-    return dataclasses.replace(cfg, checkpoint_every=every)
-
-
 class _TuneCallback:
     """Trainer callback: interim metrics to Tune; the report at a checkpoint step carries a checkpoint."""
 
@@ -70,12 +60,9 @@ class _TuneCallback:
         self.pending: dict | None = None  # metrics of a step that will also checkpoint
         self.latest: dict = {}
 
-    def _checkpoints_at(self, step: int) -> bool:
-        return step >= self.cfg.total_steps or step % self.cfg.checkpoint_every == 0
-
     def on_metrics(self, step: int, metrics: dict) -> None:
         self.latest = dict(metrics)
-        if self._checkpoints_at(step):
+        if self.cfg.checkpoints_at(step):
             self.pending = self.latest
         else:
             self.ctx.report(self.latest, False)
@@ -92,7 +79,7 @@ def run(ctx: TrialContext) -> TrialOutcome:
 
     shared = ctx.shared
     cfgs = section_configs(ctx.spec.fixed, ctx.params, d_in=shared["d_in"])
-    cfgs["trainer"] = resumable_trainer_cfg(cfgs["trainer"])
+    cfgs["trainer"] = cfgs["trainer"].resumable()
     t0 = now_seconds()
     result = train_from_cache(shared["cache_path"], cfgs["sae"], cfgs["trainer"], cfgs["split"], cfgs["tracker"],
                               out_dir=ctx.trial_dir, callbacks=[_TuneCallback(ctx, cfgs["trainer"])], resume=True,

@@ -66,3 +66,12 @@ def test_orchestrator_uses_the_same_assembly():
 
     assert space.section_configs is fcfg.section_configs
     assert space.field_type_problem is fcfg.field_type_problem
+
+
+def test_checkpoint_cadence_has_one_definition():
+    cfg = TrainerConfig(total_tokens=1000 * 8, batch_size=8, log_every=7)  # 1000 steps
+    assert [s for s in range(1, 1001) if cfg.checkpoints_at(s)] == [1000]  # 0: only at the end
+    every = cfg.resumable()
+    assert every.checkpoint_every == 98 and every.checkpoint_every % cfg.log_every == 0  # ~10%, on a logging step
+    assert [s for s in range(1, 1001) if every.checkpoints_at(s)] == [98 * i for i in range(1, 11)] + [1000]
+    assert every.resumable() is every and TrainerConfig(checkpoint_every=5).resumable().checkpoint_every == 5

@@ -32,7 +32,7 @@ def dense_from(out: Out, F: int) -> torch.Tensor:
 
 
 def brute_force(batches, cfg: TrackerConfig, F: int, D: int):
-    """Direct per-latent lists of (weight, input, age) and the formulas of DESIGN.md."""
+    """Direct per-latent lists of (weight, input, age) and the formulas of docs/method.md."""
     a = cfg.ema_alpha
     freq = torch.zeros(F, dtype=torch.float64)
     entries = [[] for _ in range(F)]
