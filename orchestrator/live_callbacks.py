@@ -36,15 +36,8 @@ class LiveCallbacks(Callback):
     def __reduce__(self):
         return (LiveCallbacks, ())
 
-    setup = _forward("setup")
-    on_step_begin = _forward("on_step_begin")
-    on_step_end = _forward("on_step_end")
-    on_trial_start = _forward("on_trial_start")
-    on_trial_restore = _forward("on_trial_restore")
-    on_trial_save = _forward("on_trial_save")
-    on_trial_result = _forward("on_trial_result")
-    on_trial_complete = _forward("on_trial_complete")
-    on_trial_recover = _forward("on_trial_recover")
-    on_trial_error = _forward("on_trial_error")
-    on_checkpoint = _forward("on_checkpoint")
-    on_experiment_end = _forward("on_experiment_end")
+
+HOOKS = tuple(name for name, attr in vars(Callback).items() if callable(attr) and (name == "setup" or name.startswith("on_")))
+"""Every hook of ``ray.tune.Callback`` (the names Ray's own ``CallbackList`` must forward)."""
+for _hook in HOOKS:
+    setattr(LiveCallbacks, _hook, _forward(_hook))

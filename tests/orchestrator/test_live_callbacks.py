@@ -4,7 +4,7 @@ import pickle
 
 from ray.tune import Callback
 
-from orchestrator.live_callbacks import LiveCallbacks, set_live
+from orchestrator.live_callbacks import HOOKS, LiveCallbacks, set_live
 
 
 class _Recorder(Callback):
@@ -29,3 +29,4 @@ def test_unpickled_forwarder_reaches_the_callbacks_registered_now():
     restored.on_step_begin(iteration=1, trials=[])  # hooks the callbacks do not override are Callback's no-ops
     assert new.seen == [("setup", {"stop": None}), ("result", {"x": 1})] and old.seen == []
     set_live([])
+    assert {"setup", "on_trial_result", "on_trial_error", "on_experiment_end"} <= set(HOOKS)
