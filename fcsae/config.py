@@ -471,8 +471,10 @@ def type_problem(cls: type, name: str, value: Any) -> str | None:
     if check is None or check[0](value):
         return None
     hint = ""
-    if isinstance(value, str) and ftype in ("int", "float"):
-        hint = " (a string: quoted, or a YAML float without a dot such as 1e-4; write 1.0e-4)"
+    if isinstance(value, str) and ftype == "float":
+        hint = " (a string: quoted, or YAML's reading of 1e-4 without a dot; write 1.0e-4, unquoted)"
+    elif isinstance(value, str) and ftype == "int":
+        hint = " (a string: remove the quotes)"
     return f"{name}: must be {check[1]}, got {value!r}{hint}"
 
 

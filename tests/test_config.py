@@ -29,6 +29,8 @@ def test_yaml_float_without_dot_is_explained():
     raw = yaml.safe_load("lr: 1e-4")  # PyYAML reads this as a string
     with pytest.raises(FcsaeInputError, match=r"trainer\.lr: .*write 1\.0e-4"):
         from_dict(TrainerConfig, raw, "trainer.")
+    with pytest.raises(FcsaeInputError, match=r"trainer\.seed: must be an integer, got '0' \(a string: remove the quotes\)"):
+        from_dict(TrainerConfig, yaml.safe_load("seed: '0'"), "trainer.")
 
 
 def test_direct_construction_is_checked_too():
