@@ -5,9 +5,9 @@
 3. training modules never import the evals;
 4. ``results_schema`` never imports torch.
 
-The static check parses every import statement, function-level ones included
-(the project imports heavy modules lazily), and follows first-party imports
-transitively. The runtime check imports each group in a fresh interpreter and
+The static check parses a module's every import statement, function-level
+ones included (the project imports heavy modules lazily), and follows the
+import-time imports of what it loads transitively. The runtime check imports each group in a fresh interpreter and
 inspects ``sys.modules``, which also sees what third-party packages pull in.
 """
 
@@ -52,11 +52,21 @@ def _modules(root: Path) -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path) -> set[str]:
-    """Every module an ``import``/``from`` anywhere in the file names (relative imports resolved)."""
+def _walk_import_time(tree: ast.AST):
+    """The nodes that run when the module is imported (function bodies excluded)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _imports(name: str, path: Path, lazy: bool = True) -> set[str]:
+    """Every module an ``import``/``from`` in the file names (relative imports resolved); ``lazy``: also in functions."""
     found = set()
     pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (ast.walk(tree) if lazy else _walk_import_time(tree)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -73,15 +83,21 @@ def _hits(names, forbidden) -> list[str]:
 
 
 def static_violations(root: Path) -> list[str]:
-    """Rule violations found by parsing the sources under ``root`` (transitively over first-party imports)."""
+    """Rule violations found by parsing the sources under ``root``.
+
+    A constrained module's own imports count wherever they are (function-level
+    ones included); what it loads counts by its import-time imports, followed
+    transitively (a function of another module that is never called loads nothing).
+    """
     mods = _modules(root)
-    direct = {m: _imports(m, p) for m, p in mods.items()}
+    own = {m: _imports(m, p) for m, p in mods.items()}
+    at_import = {m: _imports(m, p, lazy=False) for m, p in mods.items()}
 
     def closure(start: str) -> set[str]:
         seen, todo = set(), [start]
         while todo:
             m = todo.pop()
-            for dep in direct.get(m, ()):
+            for dep in (own if m == start else at_import).get(m, ()):
                 if dep not in seen:
                     seen.add(dep)
                     if dep in mods:
