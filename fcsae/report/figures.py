@@ -153,12 +153,11 @@ def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction"
     width that the HTML report shows unscaled. Markers are dodged sideways, so
     criteria with identical values both show (and the title names them).
     """
-    import matplotlib.pyplot as plt
-
     letters = sorted(stats["letter"].unique().to_list())
     groups = group_values(stats, CRITERION)
     rows = [letters[i:i + LETTERS_PER_ROW] for i in range(0, len(letters), LETTERS_PER_ROW)] or [[]]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8.0, 2.6 * len(rows) + 0.9), squeeze=False, sharey=True)
+    fig = Figure(figsize=(8.0, 2.6 * len(rows) + 0.9))  # not pyplot's: save_png does not close pyplot figures
+    axes = fig.subplots(len(rows), 1, squeeze=False, sharey=True)
     width = 0.7 / max(1, len(groups))
     counts = []
     for ax, row in zip(axes[:, 0], rows):
