@@ -50,6 +50,8 @@ CRITERION_COLOURS: dict[str, str] = {
 
 CRITERION_MARKERS: dict[str, str] = {"none": "o", "dead": "s", "fc": "^", "frequency": "D", "inconsistency": "v"}
 """Fixed marker per split criterion: series that coincide stay distinguishable (drawn large to small)."""
+ACTIVATION_MARKERS: dict[str, str] = {"topk": "o", "batchtopk": "s", "matryoshka": "*", "relu": "X"}
+"""Fixed marker per architecture (``sae.activation``) where a figure compares architectures (colour = criterion)."""
 LINESTYLES = ("-", "--", ":", "-.")
 """Line styles cycled per group, so a line lying on another still shows through its gaps."""
 

@@ -13,11 +13,12 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from fcsae.plotting import LINESTYLES, axis_label, colour_for, marker_for, new_figure
+from fcsae.plotting import ACTIVATION_MARKERS, LINESTYLES, axis_label, colour_for, marker_for, new_figure
 from fcsae.report.tables import with_bins
 
 CRITERION = "split.criterion"
 SEED = "trainer.seed"
+ACTIVATION = "sae.activation"
 
 
 def group_values(df: pl.DataFrame, col: str) -> list:
@@ -58,14 +59,26 @@ def _n_note(counts: list[int], unit: str = "seed") -> str:
 
 
 def pareto_figure(ok: pl.DataFrame, x: str, y: str, front_mask: list[bool], x_mode: str, y_mode: str) -> Figure:
-    """Trials as points (colour and marker per criterion), the Pareto-optimal ones ringed and joined by a step line."""
+    """Trials as points, the Pareto-optimal ones ringed and joined by a step line.
+
+    Colour and marker per criterion; where the trials span several architectures
+    (``sae.activation``), the marker is the architecture's instead, so points of
+    different architectures at the same measured L0 stay comparable.
+    """
     fig, (ax,) = new_figure()
-    groups = group_values(ok, CRITERION) or [None]
-    for i, g in enumerate(groups):  # drawn large to small: a point lying on another stays visible
+    archs = group_values(ok, ACTIVATION) if ACTIVATION in ok.columns else []
+    by_arch = len(archs) > 1
+    groups = [(c, a) for c in (group_values(ok, CRITERION) or [None]) for a in (archs if by_arch else [None])]
+    for i, (g, a) in enumerate(groups):  # drawn large to small: a point lying on another stays visible
         sub = ok if g is None else ok.filter(pl.col(CRITERION) == g)
+        if a is not None:
+            sub = sub.filter(pl.col(ACTIVATION) == a)
+        if sub.height == 0:
+            continue
+        marker = ACTIVATION_MARKERS.get(a, "o") if by_arch else marker_for(g, i)
+        label = ("trials" if g is None else str(g)) + (f" / {a}" if a is not None else "")
         ax.scatter(sub[x].to_numpy(), sub[y].to_numpy(), s=170 - 130 * i / max(1, len(groups) - 1), alpha=0.85,
-                   color=colour_for(g, i), marker=marker_for(g, i), edgecolors="white", linewidths=0.5,
-                   label=str(g) if g is not None else "trials", zorder=2 + i)
+                   color=colour_for(g, i), marker=marker, edgecolors="white", linewidths=0.5, label=label, zorder=2 + i)
     front = ok.filter(pl.Series(front_mask)).sort(x)
     if front.height:
         ax.scatter(front[x].to_numpy(), front[y].to_numpy(), s=190, facecolors="none", edgecolors="black",
@@ -75,7 +88,8 @@ def pareto_figure(ok: pl.DataFrame, x: str, y: str, front_mask: list[bool], x_mo
     ax.set_ylabel(axis_label(y))
     better = f"better: {'lower' if x_mode == 'min' else 'higher'} x, {'lower' if y_mode == 'min' else 'higher'} y"
     ax.set_title(f"Pareto front ({better}){coincident_note(ok, CRITERION, [x, y])}", fontsize=9, wrap=True)
-    ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
+    title = "split criterion / architecture" if by_arch else "split criterion"
+    ax.legend(fontsize=8, title=title, title_fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 

@@ -71,3 +71,19 @@ def test_equal_l0_everywhere_gives_a_sentence_not_a_front(tmp_path):
     assert "Every trial has `core.l0` = 32: no front of absorption vs core.l0" in md
     names = {p.name for p in res.figures}
     assert "pareto_absorption_l0.png" not in names and "pareto_absorption_ev.png" in names
+
+
+def test_pareto_marks_architectures_when_several_are_compared():
+    ok = pl.DataFrame({CRIT: ["none", "none", "fc", "fc"],
+                       "sae.activation": ["topk", "matryoshka", "topk", "matryoshka"],
+                       rt.ABSORPTION: [0.40, 0.10, 0.38, 0.12], rt.L0: [32.0, 31.5, 32.2, 30.9]})
+    mask = rt.pareto_mask(ok[rt.ABSORPTION].to_list(), ok[rt.L0].to_list(), "min", "min")
+    ax = figs.pareto_figure(ok, rt.ABSORPTION, rt.L0, mask, "min", "min").axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"none / topk", "none / matryoshka", "fc / topk", "fc / matryoshka"} <= set(labels)
+    assert "architecture" in ax.get_legend().get_title().get_text()
+    # One architecture: the legend stays per criterion, with no architecture suffix.
+    one = ok.filter(pl.col("sae.activation") == "topk")
+    mask1 = rt.pareto_mask(one[rt.ABSORPTION].to_list(), one[rt.L0].to_list(), "min", "min")
+    labels1 = [t.get_text() for t in figs.pareto_figure(one, rt.ABSORPTION, rt.L0, mask1, "min", "min").axes[0].get_legend().get_texts()]
+    assert "none" in labels1 and not any("/" in s for s in labels1)
