@@ -18,11 +18,25 @@ printed is the architectures one whenever both architectures ran.
 Usage: ``python benchmarks/toy_absorption.py [--seeds 3] [--steps 1500]``;
 the architecture comparison of docs/method.md:
 ``python benchmarks/toy_absorption.py --activation topk,batchtopk,matryoshka --criteria none --k 4,2``.
+
+``--deabsorb`` runs instead ``none`` and every detector of ``fcsae.detectors``
+(``--detectors``) x operation (``--operations split,extract``) on the first
+``--activation`` at the first ``--k``, same seeds and steps (plus a ``none``
+row for every further activation, e.g. Matryoshka), prints the detection
+AUROC of every detector for absorber latents and for absorbed parents (on the
+``none`` SAEs) and per variant true absorption, parent recall, FVU, L0 and the
+relative FVU cost vs ``none``, and ends with ``toy_deabsorb: ratio=X.XX`` =
+true absorption of the best detector + operation / that of ``none`` (mean over
+seeds; target <= 0.5), the best being the lowest absorption among variants
+within 10% FVU cost (or overall, said so, when none is).
+``--deabsorb --probe-detector D`` instead follows one extract event through
+further training (does the objective undo it?).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import statistics
@@ -32,6 +46,7 @@ import time
 import torch
 from sklearn.metrics import roc_auc_score
 
+from fcsae.detectors import DETECTORS as DETECTORS_PANEL
 from fcsae.config import CRITERIA, SAEConfig, SplitConfig, TrackerConfig, TrainerConfig
 from fcsae.errors import FcsaeInputError
 from fcsae.sae import SparseAutoencoder
@@ -45,28 +60,40 @@ def auroc(score_L: torch.Tensor, positive_L: torch.Tensor, mask_L: torch.Tensor)
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
 
 
-def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = "topk", k: float = 4,
-        keep_sae: bool = False) -> dict:
-    """Train one SAE and measure it (``keep_sae``: also return the SAE, its absorbers and parent latents)."""
-    d = toy_train.x_ND.shape[1]
+def train(args, seed: int, toy_train, activation: str, k: float, split: SplitConfig, tracker: TrackerConfig,
+          resample_until: float = 0.7) -> Trainer:
+    """Train one SAE on the toy (the tracker always on) and return its trainer, the SAE in eval mode."""
     tcfg = TrainerConfig(lr=args.lr, batch_size=args.batch_size, total_tokens=args.steps * args.batch_size,
-                         warmup_steps=50, resample_every=args.resample_every, resample_until=0.7,
+                         warmup_steps=50, resample_every=args.resample_every, resample_until=resample_until,
                          buffer_tokens=8 * args.batch_size, dead_tokens=50 * args.batch_size, seed=seed,
                          log_every=args.steps, threshold_decay=args.threshold_decay,
                          bf16_encoder="off")  # exact fp32 ranking: the toy is tiny, bf16 buys nothing there
-    sae_cfg = SAEConfig(d_in=d, dict_size=args.dict_size, activation=activation, k=k, **matryoshka_kw(args, activation))
-    sae = SparseAutoencoder(sae_cfg, seed=seed)
+    sae_cfg = SAEConfig(d_in=toy_train.x_ND.shape[1], dict_size=args.dict_size, activation=activation, k=k,
+                        **matryoshka_kw(args, activation))
+    trainer = Trainer(SparseAutoencoder(sae_cfg, seed=seed), tcfg, split, dataclasses.replace(tracker, enabled=True))
+    trainer.fit(toy_batches(toy_train.x_ND, args.batch_size, seed))
+    trainer.sae.eval()
+    return trainer
+
+
+def fvu_l0(sae, x_ND: torch.Tensor) -> tuple[float, float]:
+    """FVU and L0 on ``x_ND`` with the inference code (batchtopk/matryoshka through their threshold)."""
+    with torch.no_grad():
+        codes_NF = sae.encode(x_ND)
+        recon_ND = sae.decode(codes_NF)
+    fvu = float((recon_ND - x_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum())
+    return fvu, float((codes_NF > 0).sum(1).float().mean())
+
+
+def run(criterion: str, seed: int, args, toy_train, toy_test, activation: str = "topk", k: float = 4,
+        keep_sae: bool = False) -> dict:
+    """Train one SAE and measure it (``keep_sae``: also return the SAE, its absorbers and parent latents)."""
     split = SplitConfig(criterion=criterion, rule=args.rule, z=args.z, top_fraction=args.top_fraction)
     tracker = TrackerConfig(enabled=True, consistency=args.consistency, weighting=args.weighting)
-    trainer = Trainer(sae, tcfg, split, tracker)
-    events = trainer.fit(toy_batches(toy_train.x_ND, args.batch_size, seed))
-    sae.eval()
-    x = toy_test.x_ND
-    with torch.no_grad():
-        codes_NF = sae.encode(x)  # the inference code: batchtopk/matryoshka through their threshold
-        recon_ND = sae.decode(codes_NF)
-    fve = 1.0 - float((recon_ND - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    l0 = float((codes_NF > 0).sum(1).float().mean())
+    trainer = train(args, seed, toy_train, activation, k, split, tracker)
+    sae, events = trainer.sae, trainer.events
+    fvu, l0 = fvu_l0(sae, toy_test.x_ND)
+    fve = 1.0 - fvu
     res = measure_absorption(sae, toy_test)
     sc = trainer.tracker.scores()
     alive = sc.count_F > 0
@@ -113,6 +140,7 @@ def main() -> None:
     ap.add_argument("--consistency", choices=("normalized", "seed"), default="normalized", help="TrackerConfig.consistency")
     ap.add_argument("--weighting", choices=("count", "activation"), default="count", help="TrackerConfig.weighting")
     ap.add_argument("--criteria", default=",".join(CRITERIA), help="comma-separated subset of criteria to run")
+    add_deabsorb_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # One thread: these matrices are tiny, and on a shared 2-core machine multi-threaded small ops
@@ -128,6 +156,13 @@ def main() -> None:
         except FcsaeInputError as e:
             print(f"toy_absorption: error: {e}", file=sys.stderr)
             sys.exit(2)
+    if args.deabsorb:
+        try:
+            deabsorb_variants(args)  # refuse bad --detectors/--operations before training anything
+        except FcsaeInputError as e:
+            print(f"toy_absorption: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return reabsorption_probe(args, ks[0]) if args.probe_detector else deabsorb_main(args, activations, ks[0])
 
     cfg = ToyConfig()
     print(f"toy: {cfg}")
@@ -177,6 +212,174 @@ def main() -> None:
         pressured = "below" if k_p < statistics.mean(true_l0) else "NOT below"
         print(f"toy_architectures: ratio={r:.2f} (target < 1: matryoshka / topk true absorption at k={k_p}, "
               f"{pressured} the true L0 {statistics.mean(true_l0):.2f}; criterion {c}; mean over {args.seeds} seeds)")
+
+
+# ------------------------------------------------------------------ --deabsorb: detectors x {split, extract}
+
+
+def add_deabsorb_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of the ``--deabsorb`` mode (its rule flags are the shared ``--rule``/``--z``/``--top-fraction``)."""
+    ap.add_argument("--deabsorb", action="store_true",
+                    help="run none + detector x operation variants instead; ends with toy_deabsorb: ratio=")
+    ap.add_argument("--detectors", default=",".join(DEABSORB_DETECTORS),
+                    help=f"--deabsorb: comma-separated subset of {','.join(DEABSORB_DETECTORS)}")
+    ap.add_argument("--operations", default="split,extract", help="--deabsorb: comma-separated subset of split,extract")
+    ap.add_argument("--resample-until", type=float, default=0.7, help="--deabsorb: TrainerConfig.resample_until")
+    ap.add_argument("--max-splits", type=int, default=SplitConfig().max_splits, help="--deabsorb: SplitConfig.max_splits")
+    ap.add_argument("--probe-detector", choices=tuple(DEABSORB_DETECTORS), default=None,
+                    help="--deabsorb: instead of the table, one extract event by this detector at --probe-at steps of a "
+                         "none run, then absorption/FVU as training goes on, and the planted dictionary's FVU")
+    ap.add_argument("--probe-at", type=int, default=1000, help="--probe-detector: step of the extract event")
+
+DEABSORB_DETECTORS = {  # table name: (split.criterion, tracker.consistency)
+    "fc_normalized": ("fc", "normalized"), "fc_seed": ("fc", "seed"), "siblings": ("siblings", "normalized"),
+    "encdec": ("encdec", "normalized"), "coact": ("coact", "normalized"), "coact_member": ("coact_member", "normalized"),
+}
+FVU_BOUND = 0.10
+"""Largest relative FVU cost (vs ``none``) at which a de-absorbing variant counts as a success."""
+
+
+def deabsorb_variants(args) -> list[tuple[str, SplitConfig, TrackerConfig]]:
+    """``none`` then every detector x operation of ``--detectors`` x ``--operations``."""
+    rule = dict(rule=args.rule, z=args.z, top_fraction=args.top_fraction, max_splits=args.max_splits)
+    out = [("none", SplitConfig(), TrackerConfig())]
+    for det in [d for d in args.detectors.split(",") if d]:
+        if det not in DEABSORB_DETECTORS:
+            raise FcsaeInputError(f"--detectors: {det!r} is not one of {', '.join(DEABSORB_DETECTORS)}")
+        crit, cons = DEABSORB_DETECTORS[det]
+        for op in [o for o in args.operations.split(",") if o]:
+            out.append((f"{det}+{op}", SplitConfig(criterion=crit, operation=op, **rule), TrackerConfig(consistency=cons)))
+    return out
+
+
+def deabsorb_main(args, activations: list[str], k: float) -> None:
+    """The detector x operation table at matched L0 (k) and equal steps, and the ``toy_deabsorb`` headline.
+
+    The variants train the first ``--activation``; every further one gets a ``none`` baseline row (e.g.
+    Matryoshka), which the headline leaves out (it is not a detector + operation).
+    """
+    from fcsae.analysis import trainer_detection
+
+    cfg = ToyConfig()
+    base_act = activations[0]
+    variants = [(f"{base_act} {name}", base_act, split, tracker) for name, split, tracker in deabsorb_variants(args)]
+    variants += [(f"{a} none", a, SplitConfig(), TrackerConfig()) for a in activations[1:]]
+    print(f"toy: {cfg}")
+    print(f"SAE: {', '.join(activations)}, dict {args.dict_size}, k {k}; {args.steps} steps x {args.batch_size}; lr {args.lr}; "
+          f"events every {args.resample_every} steps until {args.resample_until:g}; rule {args.rule} (z {args.z}, "
+          f"top_fraction {args.top_fraction}, max_splits {args.max_splits}); seeds 0..{args.seeds - 1}")
+    rows: dict[str, list[dict]] = {v[0]: [] for v in variants}
+    det_rows: list[dict] = []
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        toy_train = make_toy(cfg, seed=1000 + seed)
+        toy_test = make_toy(ToyConfig(**{**cfg.__dict__, "n_samples": 16_384}), seed=1000 + seed, sample_seed=2000 + seed)
+        for name, act, split, tracker in variants:
+            tr = train(args, seed, toy_train, act, k, split, tracker, args.resample_until)
+            res = measure_absorption(tr.sae, toy_test)
+            fvu, l0 = fvu_l0(tr.sae, toy_test.x_ND)
+            rows[name].append({"absorption": res.summary["absorption"], "parent_recall": res.summary["parent_recall"],
+                               "fvu": fvu, "l0": l0, "events": len(tr.events)})
+            if name == f"{base_act} none":
+                det_rows.append(trainer_detection(tr, res)[1])
+            print(f"  seed {seed} {name}: absorption {res.summary['absorption']:.3f} fvu {fvu:.4f} l0 {l0:.2f} "
+                  f"events {len(tr.events)}", flush=True)
+    elapsed = time.perf_counter() - t0
+    print(f"\ndetection on the `{base_act} none` SAEs at the end of training (AUROC, mean +- std over seeds)")
+    print(f"{'detector':<16}{'absorbers':>24}{'absorbed parents':>24}")
+    for det in DETECTORS_PANEL:
+        print(f"{det:<16}{fmt([r[f'absorbers.{det}'] for r in det_rows]):>24}{fmt([r[f'parents.{det}'] for r in det_rows]):>24}")
+    base = f"{base_act} none"
+    base_abs = statistics.mean(r["absorption"] for r in rows[base])
+    base_fvu = statistics.mean(r["fvu"] for r in rows[base])
+    cols = ("absorption", "parent_recall", "fvu", "l0", "events")
+    print(f"\n{'variant':<28}" + "".join(f"{c:>20}" for c in cols) + f"{'FVU cost':>12}")
+    summary = {}
+    for name, *_ in variants:
+        a = statistics.mean(r["absorption"] for r in rows[name])
+        cost = statistics.mean(r["fvu"] for r in rows[name]) / base_fvu - 1.0
+        summary[name] = (a, cost)
+        print(f"{name:<28}" + "".join(f"{fmt([r[c] for r in rows[name]]):>20}" for c in cols) + f"{cost:>+12.1%}")
+    print(f"\n({args.seeds} seeds x {len(variants)} variants in {elapsed:.0f} s)")
+    others = {n: v for n, v in summary.items() if "+" in n}  # detector+operation variants only
+    within = {n: v for n, v in others.items() if v[1] <= FVU_BOUND}
+    pool = within or others
+    if not pool or base_abs <= 0:
+        print("toy_deabsorb: ratio=nan (no de-absorbing variant ran, or none does not absorb)")
+        return
+    best = min(pool, key=lambda n: pool[n][0])
+    a, cost = pool[best]
+    note = "" if within else f"; no variant within the {FVU_BOUND:.0%} FVU bound, best overall shown"
+    print(f"toy_deabsorb: ratio={a / base_abs:.2f} (target <= 0.5: best detector+operation / none true absorption; "
+          f"best {best}, FVU cost {cost:+.1%}{note})")
+
+
+def ground_truth_fvu(toy, k: int) -> float:
+    """FVU of the planted dictionary itself as a TopK SAE with this k: what zero absorption costs at L0 = k."""
+    G, D = toy.features_GD.shape
+    sae = SparseAutoencoder(SAEConfig(d_in=D, dict_size=G, activation="topk", k=min(k, G)))
+    with torch.no_grad():
+        sae.W_dec.copy_(toy.features_GD)
+        sae.W_enc.copy_(toy.features_GD.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return fvu_l0(sae, toy.x_ND)[0]
+
+
+def feature_counts(toy, k: int) -> str:
+    """Active true features per sample, and as an absorbing SAE counts them (a parent with its child is one)."""
+    lab_NG = toy.labels_NG
+    folded_NG = lab_NG.clone()
+    for p, kids in zip(toy.parents, toy.children):
+        folded_NG[:, p] &= ~lab_NG[:, kids].any(1)
+    n_N, m_N = lab_NG.sum(1).float(), folded_NG.sum(1).float()
+    return (f"true features per sample {n_N.mean():.2f} ({(n_N > k).float().mean():.1%} above k={k}), "
+            f"with parents folded into children {m_N.mean():.2f} ({(m_N > k).float().mean():.1%} above k)")
+
+
+def reabsorption_probe(args, k: int) -> None:
+    """Train ``none`` to ``--probe-at`` steps, run one extract event by ``--probe-detector``, keep training; print
+    true absorption and FVU along the way, and the planted dictionary's FVU at this and larger k."""
+    cfg = ToyConfig()
+    crit, cons = DEABSORB_DETECTORS[args.probe_detector]
+    split = SplitConfig(criterion=crit, operation="extract", rule=args.rule, z=args.z, top_fraction=args.top_fraction,
+                        max_splits=args.max_splits)
+    checkpoints = (0, 1, 10, 50, 200, 500)
+    for seed in range(args.seeds):
+        toy_train = make_toy(cfg, seed=1000 + seed)
+        toy_test = make_toy(ToyConfig(**{**cfg.__dict__, "n_samples": 16_384}), seed=1000 + seed, sample_seed=2000 + seed)
+        gt = ", ".join(f"k={kk}: {ground_truth_fvu(toy_test, kk):.4f}" for kk in (k, k + 1, k + 2, 2 * k))
+        print(f"seed {seed}: planted dictionary FVU {gt}; {feature_counts(toy_test, k)}")
+        tcfg = TrainerConfig(lr=args.lr, batch_size=args.batch_size, total_tokens=args.steps * args.batch_size,
+                             warmup_steps=50, buffer_tokens=8 * args.batch_size, dead_tokens=50 * args.batch_size,
+                             seed=seed, log_every=args.steps, bf16_encoder="off")
+        sae = SparseAutoencoder(SAEConfig(d_in=cfg.d, dict_size=args.dict_size, activation="topk", k=k), seed=seed)
+        tr = Trainer(sae, tcfg, SplitConfig(), TrackerConfig(enabled=True, consistency=cons))
+        batches = toy_batches(toy_train.x_ND, args.batch_size, seed)
+        for _ in range(args.probe_at):
+            tr.train_step(next(batches))
+        from fcsae.policy import make_policy
+        from fcsae.resample import ResampleContext
+
+        def show(tag):
+            sae.eval()
+            res = measure_absorption(sae, toy_test)
+            print(f"  {tag:<22} absorption {res.summary['absorption']:.3f} parent recall "
+                  f"{res.summary['parent_recall']:.3f} fvu {fvu_l0(sae, toy_test.x_ND)[0]:.4f}", flush=True)
+            sae.train()
+
+        show(f"step {tr.step} (none)")
+        ctx = ResampleContext(sae, tr.optimizer, tr.buffer_ND[:tr.buffer_fill], tr.dead_mask_F, tr.tracker, tr.step,
+                              tr.generator, tr.tokens_since_fired_F)
+        events = make_policy(split)(ctx)
+        print(f"  extract by {args.probe_detector}: {len(events)} groups, "
+              f"{sum(e.group_sizes[0] for e in events)} siblings stripped")
+        done = 0
+        for c in checkpoints:
+            for _ in range(c - done):
+                tr.train_step(next(batches))
+            done = c
+            show(f"+{c} steps")
 
 
 if __name__ == "__main__":

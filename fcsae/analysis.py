@@ -359,7 +359,8 @@ def trainer_detection(trainer, res) -> tuple[dict, dict]:
     """The detector panel of a trained toy SAE (its tracker and input buffer) and its AUROCs (latents with data)."""
     from fcsae.detectors import detector_panel
 
-    panel = detector_panel(trainer.sae, trainer.tracker, trainer.buffer_ND[:trainer.buffer_fill])
+    panel = detector_panel(trainer.sae, trainer.tracker, trainer.buffer_ND[:trainer.buffer_fill],
+                           thresh=trainer.split_cfg.sibling_cos)
     return panel, detector_panel_auroc(panel, res, trainer.tracker.scores().count_F > 0)
 
 

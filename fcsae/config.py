@@ -342,7 +342,8 @@ class SplitConfig:
     """Which latents are split (or resampled) at each resampling event."""
 
     criterion: str = "none"
-    """``none``, ``dead`` (classic dead-latent resampling), ``fc`` (f*(1-c)), ``frequency`` (f), ``inconsistency`` (1-c)."""
+    """``none``, ``dead`` (classic dead-latent resampling), ``fc`` (f*(1-c)), ``frequency`` (f), ``inconsistency`` (1-c),
+    or a detector of ``fcsae.detectors``: ``siblings``, ``encdec``, ``coact``, ``coact_member`` (the table: ``fcsae.policy``)."""
     rule: str = "zscore"
     """``zscore`` (score > mean + z*std) or ``top_fraction`` (the top fraction of scores)."""
     z: float = 3.0
@@ -356,8 +357,13 @@ class SplitConfig:
     kmeans_iters: int = 10
     """Lloyd iterations of the 2-means that divides a split latent's activating inputs."""
     operation: str = "split"
-    """What a latent selected by a scored criterion (``fc``, ``frequency``, ``inconsistency``) undergoes: ``split``
-    (2-means of its activating inputs, the latent and a recycled one take a centroid each); see ``fcsae.policy``."""
+    """What a latent selected by a scored criterion (``fc``, ``frequency``, ``inconsistency`` or a detector) undergoes:
+    ``split`` (2-means of its activating inputs, the latent and a recycled one take a centroid each) or ``extract``
+    (the latent and its decoder siblings give their shared component to their parent latent or the recycled one, see
+    ``fcsae.extract``); see ``fcsae.policy``."""
+    sibling_cos: float = 0.25
+    """Decoder cosine from which two latents share a component: the ``extract`` groups and the ``siblings``/``coact``
+    detectors."""
 
     def __post_init__(self):
         _check_types(self)
@@ -371,6 +377,7 @@ class SplitConfig:
                 f"kmeans_iters: must be an integer >= 1, got {self.kmeans_iters!r}")
         require(self.operation in policy.OPERATIONS,
                 f"operation: must be one of {', '.join(policy.OPERATIONS)}, got {self.operation!r}")
+        require(0.0 < self.sibling_cos < 1.0, f"sibling_cos: must be in (0, 1), got {self.sibling_cos!r}")
 
 
 ABSORPTION_PROBES = ("saebench", "standardized")

@@ -20,15 +20,21 @@ for a group of latents that share a component (decoder siblings):
    the same inputs with ``beta_j a_j`` and writes ``a_j d_j - a_j (d_j . u) u``:
    the target's ``(x - b_dec) . u`` supplies the removed part.
 
-Optimizer moments and tracker statistics of every touched latent are reset,
-as for a split. ``extract_plan`` is the math (pure); ``apply_extract`` writes it.
+Everything is written through ``fcsae.resample.reinit_latents``, the one
+re-initialisation path: Adam moments, tracker statistics and dead counters of
+every touched latent are reset, as for a split. ``extract_plan`` is the math
+(pure); ``apply_extract`` writes it; ``extract_latent`` is the operation the
+policy table (``fcsae.policy.OPERATIONS["extract"]``) runs for a selected latent.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 TARGET_COS = 0.9
 """A group member whose decoder cosine with the shared direction reaches this is the group's own parent latent."""
@@ -102,21 +108,53 @@ def extract_plan(W_dec_FD: torch.Tensor, group: list[int], target_cos: float = T
 
 
 @torch.no_grad()
-def apply_extract(sae, plan: ExtractPlan, target: int, optimizer=None, tracker=None) -> list[int]:
-    """Write ``plan`` into ``sae`` with ``target`` as the shared latent; reset moments and statistics; touched ids."""
-    from fcsae.resample import reset_adam_rows  # the trainer's module; imported late to keep import order simple
+def apply_extract(ctx, plan: ExtractPlan, target: int) -> list[int]:
+    """Write ``plan`` into ``ctx.sae`` with ``target`` as the shared latent, through ``reinit_latents`` (which also
+    resets their Adam moments, tracker statistics and dead counters); the touched ids."""
+    from fcsae.resample import reinit_latents  # the trainer's module; imported late to keep import order simple
 
-    u = plan.u_D.to(sae.W_dec.device, sae.W_dec.dtype)
-    sae.W_dec[target] = u
-    sae.W_enc[:, target] = u.to(sae.W_enc.dtype)
-    sae.b_enc[target] = 0.0
-    for j, dec_D, beta in zip(plan.siblings, plan.sib_dec_SD, plan.sib_scale_S.tolist()):
-        sae.W_dec[j] = dec_D.to(sae.W_dec.dtype)
-        sae.W_enc[:, j] *= beta
-        sae.b_enc[j] *= beta
-    touched = [target, *plan.siblings]
-    if optimizer is not None:
-        reset_adam_rows(optimizer, sae, touched)
-    if tracker is not None:
-        tracker.reset(touched)
-    return touched
+    sae = ctx.sae
+    u_D = plan.u_D.to(sae.W_dec.device, torch.float32)
+    beta_S = plan.sib_scale_S.to(u_D.device)
+    ids = [target, *plan.siblings]
+    W_dec_ND = torch.cat([u_D[None], plan.sib_dec_SD.to(u_D.device)])
+    W_enc_ND = torch.cat([u_D[None], sae.W_enc[:, plan.siblings].t().float() * beta_S[:, None]])
+    b_enc_N = torch.cat([u_D.new_zeros(1), sae.b_enc[plan.siblings].float() * beta_S])
+    reinit_latents(ctx, ids, W_dec_ND, W_enc_ND, b_enc_N)
+    return ids
+
+
+def sibling_group(W_dec_FD: torch.Tensor, latent: int, thresh: float, max_size: int = 16) -> list[int]:
+    """``latent`` and the (at most ``max_size - 1``) latents whose decoder cosine with it is >= ``thresh``."""
+    W_FD = W_dec_FD.detach().float()
+    U_FD = W_FD / W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos_F = U_FD @ U_FD[latent]
+    cos_F[latent] = -2.0
+    order = torch.sort(-cos_F, stable=True).indices[:max_size - 1]
+    return [latent] + [int(j) for j in order if float(cos_F[j]) >= thresh]
+
+
+@torch.no_grad()
+def extract_latent(ctx, cfg, lat: int, x_ND: torch.Tensor, partner: int):
+    """The ``extract`` operation of ``fcsae.policy.OPERATIONS``: de-absorb the group of ``lat``'s decoder siblings.
+
+    The group is ``lat`` and the latents whose decoder cosine with it is >=
+    ``cfg.sibling_cos``. Returns None (nothing done) for a group of one, a
+    group with nothing to strip, or when it would need ``partner`` but
+    ``partner`` is in it. ``x_ND`` (``lat``'s activating inputs) is not used:
+    the plan reads decoder rows. The event's ``partner`` is the shared latent,
+    its ``group_sizes`` (siblings stripped, ``lat``'s activating inputs).
+    """
+    from fcsae.resample import LatentEvent
+
+    group = sibling_group(ctx.sae.W_dec, lat, cfg.sibling_cos)
+    if len(group) < 2:
+        return None
+    plan = extract_plan(ctx.sae.W_dec, group)
+    target = plan.target if plan.target is not None else partner
+    if not plan.siblings or target in plan.siblings:
+        return None
+    apply_extract(ctx, plan, target)
+    log.info("step %d: extract: siblings %s of latent %d give their shared component to latent %d (%s)", ctx.step,
+             plan.siblings, lat, target, "their parent" if plan.target is not None else "recycled")
+    return LatentEvent(ctx.step, "extract", lat, target, group_sizes=(len(plan.siblings), int(x_ND.shape[0])))

@@ -57,6 +57,9 @@ class Criterion:
     """``TrackerScores -> score_F`` ranked by ``split.rule``; None when the policy does not rank latents."""
     policy: str | None
     """``"module:Class"`` built as ``Class(split_cfg)`` at each run; None: no policy (nothing is touched)."""
+    detector: str | None = None
+    """A ``fcsae.detectors.DETECTORS`` name scoring the latents from the SAE's weights and the input buffer
+    (instead of ``score``)."""
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,31 @@ CRITERIA: dict[str, Criterion] = {
     "fc": Criterion("absorption score f*(1-c)", True, lambda s: s.score_F, "fcsae.split:SplitPolicy"),
     "frequency": Criterion("firing frequency f", True, lambda s: s.freq_F, "fcsae.split:SplitPolicy"),
     "inconsistency": Criterion("inconsistency 1-c", True, lambda s: 1.0 - s.consistency_F, "fcsae.split:SplitPolicy"),
+    # Detectors (fcsae.detectors). They read weights and the buffer, not the tracker; the tracker still runs for the
+    # eligibility (latents with tracked inputs) and recycling order every scored criterion uses.
+    "siblings": Criterion("decoder rows shared with other latents (absorbers and their parent)", True, None,
+                          "fcsae.split:SplitPolicy", "siblings"),
+    "encdec": Criterion("encoder/decoder disagreement 1-cos(W_enc_i, W_dec_i)", True, None, "fcsae.split:SplitPolicy",
+                        "encdec"),
+    "coact": Criterion("silent where decoder partners fire although its direction is there (absorbed parents)", True,
+                       None, "fcsae.split:SplitPolicy", "coact"),
+    "coact_member": Criterion("fires where a decoder partner is silent although needed (absorbers)", True, None,
+                              "fcsae.split:SplitPolicy", "coact_member"),
 }
 """Criterion name -> how it is scored and which policy runs it. Keys are ``SplitConfig.criterion``'s values."""
 
 OPERATIONS: dict[str, Operation] = {
     "split": Operation("2-means of the latent's activating inputs; the latent and a recycled partner take one "
                        "centroid each", "fcsae.split:split_latent"),
+    "extract": Operation("the latent and its decoder siblings give their shared component to their parent latent (or "
+                         "the recycled partner) and lose it from their own rows", "fcsae.extract:extract_latent"),
 }
 """Operation name -> implementation. Keys are ``SplitConfig.operation``'s values."""
 
 
 def scored(name: str) -> bool:
-    """True for criteria that rank latents by a tracker score (the ones ``split.operation`` applies to)."""
-    return CRITERIA[name].score is not None
+    """True for criteria that rank latents by a score (tracker or detector; the ones ``split.operation`` applies to)."""
+    return CRITERIA[name].score is not None or CRITERIA[name].detector is not None
 
 
 def load(ref: str) -> Any:

@@ -59,11 +59,13 @@ class LatentEvent:
     latent: int
     """The latent touched (for a split: the one that was selected)."""
     partner: int | None = None
-    """The recycled latent that took the other half of a split; None for a resample."""
+    """The recycled latent that took the other half of a split; for ``extract`` the latent that took the shared
+    component (the group's parent, or a recycled one); None for a resample."""
     score: float | None = None
     """The criterion's score of ``latent`` (resample: the chosen input's squared reconstruction error)."""
     group_sizes: tuple[int, int] | None = None
-    """Activating inputs of each half (``latent``'s first) for a split; None for a resample."""
+    """Activating inputs of each half (``latent``'s first) for a split; for ``extract`` (siblings stripped,
+    ``latent``'s activating inputs); None for a resample."""
 
     def to_dict(self) -> dict:
         """Plain JSON-ready mapping (lists, not tuples)."""

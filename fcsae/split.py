@@ -57,11 +57,18 @@ class TwoMeans(NamedTuple):
     """Inputs per group."""
 
 
-def criterion_scores(criterion: str, scores) -> torch.Tensor:
-    """The per-latent quantity a criterion ranks by (its ``score`` in ``fcsae.policy.CRITERIA``)."""
+def criterion_scores(criterion: str, scores, ctx=None, sibling_cos: float = 0.25) -> torch.Tensor:
+    """The per-latent quantity a criterion ranks by: its ``score`` of the tracker's scores, or its ``detector``
+    (``fcsae.detectors``) on ``ctx``'s SAE, tracker and buffer (``fcsae.policy.CRITERIA``)."""
     if criterion not in policy.CRITERIA or not policy.scored(criterion):
         raise ValueError(f"criterion {criterion!r} is not a scored criterion ({', '.join(_scored_names())})")
-    return policy.CRITERIA[criterion].score(scores)
+    row = policy.CRITERIA[criterion]
+    if row.detector is None:
+        return row.score(scores)
+    from fcsae.detectors import detector_panel
+
+    tau = getattr(getattr(ctx.tracker, "cfg", None), "tau_act", 0.0)
+    return detector_panel(ctx.sae, ctx.tracker, ctx.buffer_ND, [row.detector], sibling_cos, tau)[row.detector]
 
 
 def _scored_names() -> list[str]:
@@ -160,7 +167,7 @@ class SplitPolicy:
             raise ValueError(f"split criterion {self.cfg.criterion!r} needs the frequency-consistency tracker")
         sae, cfg = ctx.sae, self.cfg
         scores = ctx.tracker.scores()
-        score_F = criterion_scores(cfg.criterion, scores)
+        score_F = criterion_scores(cfg.criterion, scores, ctx, cfg.sibling_cos)
         dead_F = ctx.dead_mask_F.to(score_F.device)
         candidates = select_latents(score_F, ~dead_F & (scores.count_F > 0), cfg)
         if candidates.numel() == 0 or ctx.buffer_ND.shape[0] == 0:
@@ -179,7 +186,8 @@ class SplitPolicy:
             ev = self.operation(ctx, cfg, lat, ctx.buffer_ND[rows_N] - sae.b_dec, partners[0])
             if ev is None:
                 continue
-            partners.pop(0)
+            if ev.partner in partners:  # extract may use the group's own parent latent instead
+                partners.remove(ev.partner)
             ev = dataclasses.replace(ev, score=float(score_F[lat]))
             log.info("step %d: %s latent %d (%s score %.4g) into %d and %d, groups %s",
                      ctx.step, ev.kind, lat, cfg.criterion, ev.score, lat, ev.partner, ev.group_sizes)

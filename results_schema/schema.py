@@ -25,7 +25,7 @@ How to add a column (a new config field or metric):
    its pyarrow type; ``CORE_COLUMNS``/``ABSORPTION_COLUMNS``/``_TRAINING`` ...
    with a docstring otherwise); readers match columns by name, so the place
    in the list is free;
-2. bump ``SCHEMA_VERSION``'s MINOR (``1.5`` -> ``1.6``): old files then read
+2. bump ``SCHEMA_VERSION``'s MINOR (``1.6`` -> ``1.7``): old files then read
    with the new column null;
 3. run ``.venv/bin/python -m results_schema.schema --freeze`` to add the new
    version's column list to ``versions.json`` (it refuses to change a version
@@ -38,7 +38,7 @@ batchtopk's fractional k).
 
 History: 1.0 the first release; 1.1 batchtopk/matryoshka fields (``sae.k`` widened to double);
 1.2 ``failure_detail``; 1.3 absorption interval/meaningfulness columns; 1.4 ``trainer.bf16_encoder``;
-1.5 ``split.operation``.
+1.5 ``split.operation``; 1.6 ``split.sibling_cos`` (the extract operation and the detectors).
 
 Versioning: ``MAJOR.MINOR``. A minor bump only adds nullable columns, so readers
 accept any minor of a major they know; a new major means a changed meaning or
@@ -61,7 +61,7 @@ import pyarrow as pa
 
 from fcsae import config as fcsae_config
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 """Version of both tables; bump MINOR for added nullable columns, MAJOR for anything else (see the module docstring)."""
 METADATA_KEY = b"fcsae.schema_version"
 """Parquet key-value metadata entry holding the schema version of a file."""
@@ -107,6 +107,7 @@ CONFIG_FIELDS: list[tuple[str, pa.DataType]] = [
     ("sae.matryoshka_groups", STR), ("sae.matryoshka_weights", STR), ("trainer.threshold_decay", F64),
     ("eval.absorption_probe", STR), ("eval.absorption_bootstrap", I64),
     ("trainer.bf16_encoder", STR),
+    ("split.sibling_cos", F64),
 ]
 """Config columns: dotted config field -> pyarrow type. Every scalar field of every config section has one
 (``tests/results_schema/test_schema_version.py`` checks it); the column's docstring is the field's own."""

@@ -5,8 +5,11 @@ import torch
 
 from fcsae.config import TrackerConfig
 from fcsae.extract import apply_extract, extract_plan, shared_direction
+from fcsae.resample import ResampleContext
 from fcsae.tracker import FrequencyConsistencyTracker
-from tests._absorbed_sae import ABSORBERS, PARENT, UNUSED, absorbed_sae
+from tests._absorbed_sae import ABSORBERS, CLEAN, PARENT, UNUSED, absorbed_sae
+
+CLEAN_AND_UNUSED_REST = CLEAN + UNUSED[1:]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +65,9 @@ def test_extract_keeps_the_reconstruction_of_the_affected_inputs(activation, wit
             getattr(sae, n).copy_(getattr(pl2.sae, n))
     tracker = FrequencyConsistencyTracker(TrackerConfig(enabled=True), 12, 16)
     tracker.update(sae(x), x)
-    touched = apply_extract(sae, plan, target, opt, tracker)
+    since_F = torch.full((12,), 99)
+    ctx = ResampleContext(sae, opt, x, torch.zeros(12, dtype=torch.bool), tracker, 0, torch.Generator(), since_F)
+    touched = apply_extract(ctx, plan, target)
     assert sorted(touched) == sorted([target] + ABSORBERS)
     after = _recon_error(sae, x[affected])
     assert before < 1e-6 and after < 1e-4  # the relative error of the affected inputs stays ~0
@@ -77,3 +82,4 @@ def test_extract_keeps_the_reconstruction_of_the_affected_inputs(activation, wit
         m = opt.state[param]["exp_avg"]
         assert float(m.index_select(dim, torch.tensor(touched)).abs().max()) == 0.0
     assert float(tracker.count_F[touched].abs().max()) == 0.0
+    assert since_F[touched].eq(0).all() and since_F[CLEAN_AND_UNUSED_REST].eq(99).all()

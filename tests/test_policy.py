@@ -22,7 +22,8 @@ def test_every_table_entry_resolves_and_config_takes_names_from_the_table():
         assert row.doc
         if row.policy is not None:
             assert callable(policy.load(row.policy))
-        assert (row.score is not None) == row.needs_tracker == policy.scored(name)
+        assert (row.score is not None or row.detector is not None) == row.needs_tracker == policy.scored(name)
+        assert row.score is None or row.detector is None  # a criterion ranks by one thing
     for op in policy.OPERATIONS.values():
         assert callable(policy.load(op.fn))
     with pytest.raises(FcsaeInputError, match="operation: must be one of split"):
