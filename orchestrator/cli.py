@@ -83,7 +83,7 @@ def _print_summary(spec, root: Path) -> None:
         with contextlib.suppress(ValueError):
             bin_dir = bin_dir.resolve().relative_to(Path.cwd().resolve())
         prefix = f"{bin_dir}/"
-    print(summary_text(rows, arm_keys([n for n, _ in spec.grid], rows), root, prefix))
+    print(summary_text(rows, arm_keys(spec.grid_names, rows), root, prefix))
 
 
 def sweep_main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,9 @@ The format (every key; see docs/sweeps.md for a worked example)::
       split.criterion: {type: categorical, values: [none, dead, fc], grid: true}
       tracker.ema_alpha: {type: float, low: 0.9, high: 0.999, log: true}
       sae.dict_size: {type: int, low: 512, high: 2048, log: true}     # optional step
+    arms:                       # optional: named combinations (a grid axis whose cells set several fields)
+      topk-fc: {sae.activation: topk, split.criterion: fc}
+      matryoshka: {sae.activation: matryoshka, split.criterion: none}
     seeds: [0, 1]               # optional: grid over trainer.seed
     objectives:                 # one (single) or more (multi-objective) metrics
       - {metric: absorption.mean_absorption_fraction, mode: min}
@@ -27,9 +30,11 @@ The format (every key; see docs/sweeps.md for a worked example)::
     resources: {cpu: 1, gpu: 0} # per trial; gpu may be a fraction
     scheduler: {type: asha, metric: train.mse, mode: min, grace_period: 2, reduction_factor: 2}
 
-Grid axes (categoricals with ``grid: true`` and ``seeds``) are not sampled:
-trial number n gets grid cell ``n mod cells``, so every criterion x seed
-combination gets the same number of trials; Optuna samples the rest.
+Grid axes (``arms``, categoricals with ``grid: true`` and ``seeds``) are not
+sampled: trial number n gets grid cell ``n mod cells``, so every arm x
+criterion x seed combination gets the same number of trials; Optuna samples
+the rest. ``arms`` compares chosen combinations (an architecture with its own
+criterion) without the full cross product; every arm sets the same fields.
 
 Validation collects every problem (unknown keys, wrong types, empty or
 inverted ranges, values a config refuses, unknown metrics, resources beyond
@@ -57,7 +62,7 @@ DEFAULT_RUNNER = "orchestrator.fcsae_runner"
 """Module that runs a real fcsae trial (harvested cache -> train -> evals)."""
 SEARCHABLE_SECTIONS = ("sae", "trainer", "tracker", "split")
 """Sections a sweep may vary per trial; lm/harvest/eval are fixed because their caches are built once."""
-TOP_KEYS = {"name", "description", "seed", "runner", "fixed", "evals", "search", "seeds", "objectives",
+TOP_KEYS = {"name", "description", "seed", "runner", "fixed", "evals", "search", "arms", "seeds", "objectives",
             "num_samples", "max_concurrent", "resources", "scheduler"}
 PARAM_TYPES = ("float", "int", "categorical")
 SCHEDULER_TYPES = ("asha",)
@@ -121,6 +126,8 @@ class SweepSpec(NamedTuple):
     evals: dict[str, bool]
     params: tuple[ParamSpec, ...]
     grid: tuple[tuple[str, tuple], ...]
+    arms: tuple[tuple[str, dict[str, Any]], ...]
+    """Named combinations ``(name, {dotted field: value})``, each a cell of one more grid axis; () when none."""
     objectives: tuple[Objective, ...]
     num_samples: int
     max_concurrent: int
@@ -132,12 +139,18 @@ class SweepSpec(NamedTuple):
     def grid_cells(self) -> list[dict[str, Any]]:
         """Every combination of grid values (one empty dict when there is no grid)."""
         names = [n for n, _ in self.grid]
-        return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
+        combos = [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
+        return [{**arm, **combo} for _, arm in (self.arms or (("", {}),)) for combo in combos]
+
+    @property
+    def grid_names(self) -> list[str]:
+        """Dotted names of the fields the grid sets (the arms' fields first, then the grid axes)."""
+        return [*self.arms[0][1]] + [n for n, _ in self.grid] if self.arms else [n for n, _ in self.grid]
 
     @property
     def searched_names(self) -> list[str]:
         """Dotted names of all searched and gridded parameters."""
-        return [p.name for p in self.params] + [n for n, _ in self.grid]
+        return [p.name for p in self.params] + self.grid_names
 
 
 def _is_int(v) -> bool:
@@ -239,6 +252,45 @@ def _parse_param(name: str, raw, problems) -> ParamSpec | None:
         problems.append(f"{where}: step and log cannot be combined")
         return None
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _parse_arms(raw, fixed, searched: list[str], problems) -> tuple[tuple[str, dict], ...]:
+    """``arms: {name: {dotted field: value}}``: every arm sets the same searchable fields, to values the configs accept."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Mapping) and v for v in raw.values()):
+        problems.append("arms: must be a mapping of arm names to non-empty mappings {section.field: value}")
+        return ()
+    fields = list(next(iter(raw.values())))
+    try:
+        section_configs(fixed)
+        fixed_error = None
+    except FcsaeInputError as e:  # already reported under fixed.: do not repeat it for every arm
+        fixed_error = str(e)
+    arms = []
+    for name, arm in raw.items():
+        where = f"arms.{name}"
+        if sorted(arm) != sorted(fields):
+            problems.append(f"{where}: sets {', '.join(sorted(arm))}; every arm must set the same fields ({', '.join(fields)})")
+            continue
+        for key in arm:
+            section, _, field = str(key).partition(".")
+            if section not in SEARCHABLE_SECTIONS or field not in _field_names(section) or key == "sae.d_in":
+                problems.append(f"{where}.{key}: not a field a sweep may vary; use section.field with section in "
+                                f"{', '.join(SEARCHABLE_SECTIONS)}")
+            elif key in searched or key == "trainer.seed":
+                problems.append(f"{where}.{key}: also under search/seeds; set it in one place")
+            elif msg := field_type_problem(section, field, arm[key]):
+                problems.append(f"{where}.{key}: value {arm[key]!r} refused: {msg}")
+        try:
+            section_configs(fixed, dict(arm))
+        except FcsaeInputError as e:
+            if str(e) != fixed_error:
+                problems.append(f"{where}: refused: {e}")
+        arms.append((str(name), {k: arm[k] for k in fields}))
+    if len({repr(sorted(a.items())) for _, a in arms}) != len(arms):
+        problems.append("arms: two arms set the same values")
+    return tuple(arms)
 
 
 def _check_param_values(fixed, p: ParamSpec, problems) -> None:
@@ -429,6 +481,7 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
             grid.append((p.name, p.values))
         else:
             params.append(p)
+    arms = _parse_arms(raw.get("arms"), fixed, [*search_raw], problems)
     seeds = raw.get("seeds")
     if seeds is not None:
         if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
@@ -441,10 +494,11 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
     objectives = _parse_objectives(raw.get("objectives"), evals, problems)
     n_problems = len(problems)
     num_samples = _positive_int(raw, "num_samples", 1, problems)
-    cells = math.prod(len(v) for _, v in grid) if grid else 1
+    cells = math.prod(len(v) for _, v in grid) * max(len(arms), 1)
     if len(problems) == n_problems and num_samples % cells:
+        axes = (["arms"] if arms else []) + [n for n, _ in grid]
         problems.append(f"num_samples: {num_samples} is not a multiple of the {cells} grid cells "
-                        f"({' x '.join(n for n, _ in grid)}); every cell must get the same budget")
+                        f"({' x '.join(axes)}); every cell must get the same budget")
     max_concurrent = _positive_int(raw, "max_concurrent", 1, problems)
     resources = _parse_resources(raw.get("resources"), max_concurrent, check_machine, problems)
     _check_devices(fixed, resources, check_machine, problems)
@@ -453,7 +507,7 @@ def parse_space(raw: Any, source: str = "<space>", check_machine: bool = True) -
         problems.append("scheduler: ASHA cannot be combined with several objectives")
     if problems:
         raise SpaceError(source, problems)
-    return SweepSpec(name, description, seed, runner, fixed, evals, tuple(params), tuple(grid), objectives,
+    return SweepSpec(name, description, seed, runner, fixed, evals, tuple(params), tuple(grid), arms, objectives,
                      num_samples, max_concurrent, resources, scheduler, dict(raw))
 
 

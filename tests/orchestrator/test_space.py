@@ -248,3 +248,50 @@ def test_first_problem_on_the_first_line_and_a_bad_fixed_value_once():  # item 9
     first = str(e.value).splitlines()[0]
     assert first.startswith("s.yaml: fixed.tracker.ema_alpha") and len(e.value.problems) == 1, str(e.value)
     assert "ema_alpha" in first and str(e.value).count("ema_alpha") == 1
+
+
+ARMS = {"topk-fc": {"sae.activation": "topk", "split.criterion": "fc"},
+        "batchtopk": {"sae.activation": "batchtopk", "split.criterion": "none"},
+        "matryoshka": {"sae.activation": "matryoshka", "split.criterion": "none"}}
+
+
+def _with_arms(raw, arms=ARMS, num_samples=6):
+    raw["search"].pop("split.criterion")
+    raw["arms"] = copy.deepcopy(arms)
+    raw["num_samples"] = num_samples
+    return raw
+
+
+def test_arms_are_one_grid_axis_setting_several_fields():
+    spec = space.parse_space(_with_arms(copy.deepcopy(GOOD)))
+    assert [name for name, _ in spec.arms] == ["topk-fc", "batchtopk", "matryoshka"]
+    assert spec.grid_names == ["sae.activation", "split.criterion", "trainer.seed"]
+    assert spec.grid_cells == [{**arm, "trainer.seed": s} for arm in ARMS.values() for s in (0, 1)]
+    assert {"sae.activation", "split.criterion"} <= set(spec.searched_names)
+
+
+def test_arms_must_divide_num_samples():
+    problems = _problems(lambda raw: _with_arms(raw, num_samples=4))
+    assert any("not a multiple of the 6 grid cells (arms x trainer.seed)" in p for p in problems)
+
+
+def test_bad_arms_listed_together():
+    arms = {"a": {"sae.activation": "topk", "split.criterion": "fc"},
+            "b": {"sae.activation": "bogus", "split.criterion": "none"},   # a value the config refuses
+            "c": {"sae.activation": "topk"},                                # not the same fields
+            "d": {"sae.activation": "topk", "lm.layer": 3},                  # a field sweeps cannot vary
+            "e": {"sae.activation": "topk", "split.criterion": "fc"}}       # the same as a
+    problems = _problems(lambda raw: _with_arms(raw, arms=arms, num_samples=10))
+    text = "\n".join(problems)
+    assert "arms.b" in text and "bogus" in text
+    assert "arms.c: sets sae.activation; every arm must set the same fields" in text
+    assert "arms.d" in text
+    assert "arms: two arms set the same values" in text
+    assert "arms.a" not in text
+
+
+def test_arm_field_also_searched_is_refused():
+    def m(raw):
+        _with_arms(raw)
+        raw["search"]["split.criterion"] = {"type": "categorical", "values": ["none", "fc"]}
+    assert any("arms.topk-fc.split.criterion: also under search/seeds" in p for p in _problems(m))
