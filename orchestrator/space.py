@@ -140,7 +140,8 @@ class SweepSpec(NamedTuple):
         """Every combination of grid values (one empty dict when there is no grid)."""
         names = [n for n, _ in self.grid]
         combos = [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
-        return [{**arm, **combo} for _, arm in (self.arms or (("", {}),)) for combo in combos]
+        # Arms vary fastest: a study stopped early has every arm at its first seeds, not some arms at all seeds.
+        return [{**arm, **combo} for combo in combos for _, arm in (self.arms or (("", {}),))]
 
     @property
     def grid_names(self) -> list[str]:

@@ -266,7 +266,7 @@ def test_arms_are_one_grid_axis_setting_several_fields():
     spec = space.parse_space(_with_arms(copy.deepcopy(GOOD)))
     assert [name for name, _ in spec.arms] == ["topk-fc", "batchtopk", "matryoshka"]
     assert spec.grid_names == ["sae.activation", "split.criterion", "trainer.seed"]
-    assert spec.grid_cells == [{**arm, "trainer.seed": s} for arm in ARMS.values() for s in (0, 1)]
+    assert spec.grid_cells == [{**arm, "trainer.seed": s} for s in (0, 1) for arm in ARMS.values()]
     assert {"sae.activation", "split.criterion"} <= set(spec.searched_names)
 
 
@@ -295,3 +295,17 @@ def test_arm_field_also_searched_is_refused():
         _with_arms(raw)
         raw["search"]["split.criterion"] = {"type": "categorical", "values": ["none", "fc"]}
     assert any("arms.topk-fc.split.criterion: also under search/seeds" in p for p in _problems(m))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_space_validates(path):
+    spec = space.load_space(path, check_machine=False)
+    assert spec.num_samples % len(spec.grid_cells) == 0
+
+
+def test_study_space_compares_the_arms_at_equal_budget():
+    spec = space.load_space(REPO / "search_spaces" / "study.yaml")
+    arms = {(a["sae.activation"], a["split.criterion"]) for _, a in spec.arms}
+    assert {("topk", "none"), ("topk", "dead"), ("topk", "fc"), ("batchtopk", "none"), ("matryoshka", "none")} <= arms
+    assert len(dict(spec.grid)["trainer.seed"]) >= 3
+    assert "trainer.total_tokens" in spec.fixed["trainer"] and "k" in spec.fixed["sae"]   # one budget, one L0 for all
