@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32, help="TopK k (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4096, help="training batch (default %(default)s)")
     ap.add_argument("--words", type=int, default=4000, help="absorption eval word budget (default %(default)s)")
-    ap.add_argument("--core-tokens", type=int, default=8192, help="core eval held-out tokens (default %(default)s)")
+    ap.add_argument("--core-tokens", type=int, default=4096, help="core eval held-out tokens (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="points run at once (default %(default)s; on 2 cores, --jobs 2 --threads 1 wastes less than "
