@@ -29,6 +29,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,6 +122,33 @@ def _write_replay_probe(job, data, probes_dir: Path, name: str, layer: int):
         df.to_csv(d / f"{split}_df.csv", index=True)
 
 
+def _seed_all(seed: int, stage: str) -> None:
+    """Seed python, numpy and torch for one stage of the eval (each stage reproducible on its own)."""
+    s = seed + {"probe": 0, "ksp": 1_000_003}[stage]
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _split_seed(words: list[str], seed: int, train_fraction: float = 0.8) -> int:
+    """The first of seed, seed + 1000, ... whose SAEBench split has every letter of ``words`` among its train words.
+
+    ``create_dataset_probe_training`` splits ``random.sample(vocab, len(vocab))``
+    80/20; ``train_k_sparse_probes`` then fits one probe per letter seen in
+    training, and the scoring indexes all 26 (a KeyError when a letter has no
+    train word). On the full vocabulary that never happens; on a few thousand
+    words a letter with 2 words (z) can miss the train split, so such a seed
+    is skipped, with the same draw SAEBench makes replicated here.
+    """
+    letters = {w.strip()[0].lower() for w in words}
+    for s in range(seed, seed + 100_000, 1000):
+        random.seed(s)
+        train = random.sample(words, len(words))[: int(len(words) * train_fraction)]
+        if {w.strip()[0].lower() for w in train} == letters:
+            return s
+    raise RuntimeError("no seed gives a train split with every letter")
+
+
 def run(job: dict) -> dict:
     from safetensors.torch import load_file
     from sae_lens import SAE
@@ -131,13 +159,12 @@ def run(job: dict) -> dict:
     from sae_bench.evals.absorption.prompting import first_letter_formatter
 
     seed, layer, name = job["seed"], job["layer"], job["model_name"]
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    _seed_all(seed, "probe")
     torch.set_grad_enabled(True)
     work = Path(tempfile.mkdtemp(prefix="saebench-"))
     os.chdir(work)  # main.py-style artifacts go under the cwd
-    probes, ksp, fa = work / "probes", work / "k_sparse_probing", work / "feature_absorption"
+    probes = Path(job["probes_dir"]) if job.get("probes_dir") else work / "probes"
+    ksp, fa = work / "k_sparse_probing", work / "feature_absorption"
     sae = SAE.load_from_disk(job["sae_dir"], device="cpu")
     result: dict = {"mode": job["mode"], "seed": seed, "sae_class": type(sae).__name__}
     data = load_file(job["data"]) if job.get("data") else None
@@ -156,12 +183,26 @@ def run(job: dict) -> dict:
         # replayed activations do not depend on the prompt, so its token length does not matter
         FeatureAbsorptionCalculator._validate_prompts_are_same_length = lambda self, prompts: None
     model = HFAdapter(job["model_dir"], name, layer, replay)
-    if job["mode"] == "e2e":
+    t0 = time.perf_counter()
+    probe_done = probes / name / f"layer_{layer}" / "probe.done"  # written last: a torn probe is retrained
+    result["probe_reused"] = job["mode"] == "e2e" and probe_done.is_file()
+    if result["probe_reused"]:  # SAEBench trains one probe per model and layer and reuses it for every SAE
+        result["split_seed"] = int(probe_done.read_text())
+    elif job["mode"] == "e2e":
+        result["split_seed"] = _split_seed(job["words"], seed)
+        _seed_all(result["split_seed"], "probe")  # right before the call: its first draw is the split
         create_and_train_probe(model=model, formatter=first_letter_formatter(), hook_point=f"blocks.{layer}.hook_resid_post",
                                probes_dir=probes, vocab=job["words"], batch_size=64, num_epochs=50, lr=1e-2,
                                device=torch.device("cpu"), base_template=TEMPLATE, pos_idx=POS)
+        train_df = __import__("pandas").read_csv(probe_done.with_name("train_df.csv"), keep_default_na=False)
+        if set(train_df["answer_class"]) != {"abcdefghijklmnopqrstuvwxyz".index(w.strip()[0].lower()) for w in job["words"]}:
+            raise RuntimeError(f"SAEBench's split (seed {result['split_seed']}) lacks a letter: the replicated draw differs")
+        probe_done.write_text(f"{result['split_seed']}\n")
     else:
         _write_replay_probe(job, data, probes, name, layer)
+    result["probe_seconds"] = round(time.perf_counter() - t0, 1)
+    _seed_all(seed, "ksp")  # the scores below must not depend on whether the probe was trained or reused
+    t0 = time.perf_counter()
     metrics = run_k_sparse_probing_experiment(
         model=model, sae=sae, layer=layer, sae_name="sae", max_k_value=10, prompt_template=TEMPLATE,
         prompt_token_pos=POS, device="cpu", experiment_dir=ksp, probes_dir=probes, force=True, f1_jump_threshold=0.03,
@@ -172,10 +213,13 @@ def run(job: dict) -> dict:
     result["probe_f1"] = dict(zip(metrics["letter"], metrics["f1_probe"].astype(float)))
     result["sparse_f1_k1"] = dict(zip(metrics["letter"], metrics["f1_sparse_sae_1"].astype(float)))
     result["refused"] = len(kept) < 20
+    result["k_sparse_seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
     raw = run_feature_absortion_experiment(
         model=model, sae=sae, layer=layer, sae_name="sae", max_k_value=10, prompt_template=TEMPLATE,
         prompt_token_pos=POS, device="cpu", experiment_dir=fa, sparse_probing_experiment_dir=ksp, probes_dir=probes,
         force=True, feature_split_f1_jump_threshold=0.03, batch_size=64)
+    result["absorption_seconds"] = round(time.perf_counter() - t0, 1)
     agg = sb_main._aggregate_results_df(raw)
     agg = agg[agg["letter"].isin(kept)]
     result["mean_absorption_fraction"] = statistics.mean(agg["mean_absorption_fraction"].astype(float))
