@@ -75,8 +75,13 @@ def run_worker(py: str, job: dict, work: Path, timeout: int, tag: str = "fixture
     job_path = work / f"job-{tag}-{job['mode']}-{job['seed']}.json"
     job["out"] = str(job_path.with_suffix(".out.json"))
     if Path(job["out"]).is_file():
+        out = json.loads(Path(job["out"]).read_text())
+        # a worker started by hand (the same job file) records its stage times but not the driver's wall time
+        out.setdefault("seconds", round(sum(out.get(k, 0) for k in ("probe_seconds", "k_sparse_seconds",
+                                                                     "absorption_seconds")), 1))
+        out.setdefault("load", "n/a")
         print(f"  reusing {job['out']}", flush=True)
-        return json.loads(Path(job["out"]).read_text())
+        return out
     job_path.write_text(json.dumps(job))
     load0 = _load()
     env = {**os.environ, "OMP_NUM_THREADS": str(job.get("threads", 1)), "TOKENIZERS_PARALLELISM": "false",
@@ -122,6 +127,24 @@ def default_sae() -> str:
     return str(res.out_dir / "sae") if (res.out_dir / "sae").is_dir() else str(res.out_dir)
 
 
+def _fcsae_side(sae, lm_cfg, cfg, norm_scale: float, lm, path: Path):
+    """fcsae's eval with both probe conventions (kept in the work dir, so a resumed run does not redo it)."""
+    from dataclasses import replace
+
+    from fcsae.evals.absorption import evaluate_absorption
+
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return d["ours"], d["std"], d["seconds"], d["load"]
+    t, load0 = time.perf_counter(), _load()
+    ours = evaluate_absorption(sae, lm_cfg, cfg, norm_scale, lm=lm, progress=False).summary
+    t_ours, load_ours = round(time.perf_counter() - t, 1), f"{load0} -> {_load()}"
+    std = evaluate_absorption(sae, lm_cfg, replace(cfg, absorption_probe="standardized"), norm_scale, lm=lm,
+                              progress=False).summary
+    path.write_text(json.dumps({"ours": ours, "std": std, "seconds": t_ours, "load": load_ours}, default=float))
+    return ours, std, t_ours, load_ours
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
@@ -130,7 +153,7 @@ def compare_one(sae_dir: str, args, py: str, work: Path, lm) -> dict:
     """Both comparisons for one SAE; prints them and returns the numbers."""
     from fcsae.config import EvalConfig, LMConfig
     from fcsae.evals import probe as probe_mod
-    from fcsae.evals.absorption import evaluate_absorption, prepare_absorption_cache
+    from fcsae.evals.absorption import prepare_absorption_cache
     from fcsae.evals.report import resolve_target
     from fcsae.saelens import export_saelens
     from fcsae.sae import SparseAutoencoder
@@ -143,12 +166,10 @@ def compare_one(sae_dir: str, args, py: str, work: Path, lm) -> dict:
     sl_dir = export_saelens(sae, work / f"saelens-{tag}", target.model, target.layer, target.norm_scale,
                             target.context_len, lm.tokenizer.bos_token_id)
     cfg = EvalConfig(absorption_words=args.words, seed=0)
-    t, load0 = time.perf_counter(), _load()
-    ours = evaluate_absorption(sae, lm_cfg, cfg, target.norm_scale, lm=lm, progress=False).summary
-    t_ours, load_ours = time.perf_counter() - t, f"{load0} -> {_load()}"
-    std = evaluate_absorption(sae, lm_cfg, EvalConfig(absorption_words=args.words, seed=0,
-                                                      absorption_probe="standardized"),
-                              target.norm_scale, lm=lm, progress=False).summary
+    ours, std, t_ours, load_ours = _fcsae_side(sae, lm_cfg, cfg, target.norm_scale, lm, work / f"fcsae-{tag}.json")
+    print(f"fcsae ({tag}, {args.words} words): mean absorption fraction {_fmt(ours['mean_absorption_fraction'])}, "
+          f"standardized probe {_fmt(std['mean_absorption_fraction'])}, {int(ours['n_letters'])} letters, "
+          f"{t_ours:.0f} s (load {load_ours})", flush=True)
     data = prepare_absorption_cache(lm_cfg, cfg, lm=lm, progress=False)
     save_file({k: v.contiguous() for k, v in replay_tensors(sae, data, target.norm_scale).items()},
               str(work / f"data-{tag}.safetensors"))
@@ -164,7 +185,7 @@ def compare_one(sae_dir: str, args, py: str, work: Path, lm) -> dict:
     e2e = [run_worker(py, {**base, "mode": "e2e", "seed": s,
                            "probes_dir": str(work / f"probes-{target.model}-L{target.layer}-{words_key}-s{s}")},
                       work, args.timeout, tag) for s in range(args.seeds)]
-    sb = [r["mean_absorption_fraction"] for r in e2e]
+    sb = [r["mean_absorption_fraction"] for r in e2e] or [float("nan")]  # --seeds 0: the same-probe comparison only
     sb_mean = sum(sb) / len(sb)
     fa = ours["mean_absorption_fraction"]
     res = {"sae": sae_dir, "tag": tag, "words": len(base["words"]), "fcsae": ours, "fcsae_standardized": std,
@@ -256,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--sae", action="append", default=None, help="fcsae SAE directory (repeatable; default: train one)")
     p.add_argument("--norm-scale", type=float, default=None, help="norm_scale when the SAE directory does not record it")
     p.add_argument("--words", type=int, default=2000, help="word budget, the same on both sides (default 2000)")
-    p.add_argument("--seeds", type=int, default=3, help="SAEBench end-to-end seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="SAEBench end-to-end seeds 0..S-1 (default 3; 0 = the same-probe comparison only)")
     p.add_argument("--venv", default=VENV, help=f"throwaway sae-bench venv (default {VENV})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=int, default=7200, help="seconds per SAEBench run")

@@ -149,6 +149,14 @@ def _split_seed(words: list[str], seed: int, train_fraction: float = 0.8) -> int
     raise RuntimeError("no seed gives a train split with every letter")
 
 
+def _covers_letters(probe_done: Path, words: list[str]) -> bool:
+    """Whether the saved probe's train split has a word of every letter in ``words``."""
+    import pandas as pd
+
+    train_df = pd.read_csv(probe_done.with_name("train_df.csv"), keep_default_na=False)
+    return set(train_df["answer_class"]) == {"abcdefghijklmnopqrstuvwxyz".index(w.strip()[0].lower()) for w in words}
+
+
 def run(job: dict) -> dict:
     from safetensors.torch import load_file
     from sae_lens import SAE
@@ -185,7 +193,8 @@ def run(job: dict) -> dict:
     model = HFAdapter(job["model_dir"], name, layer, replay)
     t0 = time.perf_counter()
     probe_done = probes / name / f"layer_{layer}" / "probe.done"  # written last: a torn probe is retrained
-    result["probe_reused"] = job["mode"] == "e2e" and probe_done.is_file()
+    result["probe_reused"] = job["mode"] == "e2e" and probe_done.is_file() and probe_done.read_text().strip().isdigit() \
+        and _covers_letters(probe_done, job["words"])
     if result["probe_reused"]:  # SAEBench trains one probe per model and layer and reuses it for every SAE
         result["split_seed"] = int(probe_done.read_text())
     elif job["mode"] == "e2e":
@@ -194,8 +203,7 @@ def run(job: dict) -> dict:
         create_and_train_probe(model=model, formatter=first_letter_formatter(), hook_point=f"blocks.{layer}.hook_resid_post",
                                probes_dir=probes, vocab=job["words"], batch_size=64, num_epochs=50, lr=1e-2,
                                device=torch.device("cpu"), base_template=TEMPLATE, pos_idx=POS)
-        train_df = __import__("pandas").read_csv(probe_done.with_name("train_df.csv"), keep_default_na=False)
-        if set(train_df["answer_class"]) != {"abcdefghijklmnopqrstuvwxyz".index(w.strip()[0].lower()) for w in job["words"]}:
+        if not _covers_letters(probe_done, job["words"]):
             raise RuntimeError(f"SAEBench's split (seed {result['split_seed']}) lacks a letter: the replicated draw differs")
         probe_done.write_text(f"{result['split_seed']}\n")
     else:
