@@ -202,6 +202,10 @@ def compare_one(sae_dir: str, args, py: str, work: Path, lm) -> dict:
           f"  ratio {res['ratio_same']:.3f}  (letters {int(ours['n_letters'])} vs {same['n_letters']})")
     res["agrees"] = bool(abs(res["ratio_e2e"] - 1) <= 0.10 or abs(res["diff_e2e"]) <= 0.02
                          or (len(sb) > 1 and min(sb) <= fa <= max(sb)))
+    if not e2e:
+        print(f"end to end  : not run (--seeds 0); standardized probe {_fmt(std['mean_absorption_fraction'])}; "
+              f"time: fcsae {t_ours:.0f} s (load {load_ours}), SAEBench same-probe {same['seconds']:.0f} s", flush=True)
+        return res
     print(f"end to end  : fcsae {_fmt(fa)}  SAEBench {', '.join(map(_fmt, sb))} "
           f"(mean {_fmt(sb_mean)}, spread {_fmt(min(sb))}-{_fmt(max(sb))} over {len(sb)} seeds)  "
           f"ratio {res['ratio_e2e']:.3f}  diff {res['diff_e2e']:+.4f}  "
@@ -303,6 +307,9 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     first = results[0]
+    if not first["saebench_e2e"]:
+        print(f"saebench_agreement: same-probe ratio={first['ratio_same']:.2f} (--seeds 0: no end-to-end run)")
+        return 0
     others = "; ".join(f"{r['tag']} {r['ratio_e2e']:.2f}" for r in results[1:])
     print(f"saebench_agreement: ratio={first['ratio_e2e']:.2f} (fcsae/SAEBench mean absorption fraction end to end, "
           f"{first['tag']}, |diff| {abs(first['diff_e2e']):.3f}, SAEBench spread {first['saebench_e2e_min']:.3f}-"
