@@ -23,8 +23,10 @@ for a group of latents that share a component (decoder siblings):
 Everything is written through ``fcsae.resample.reinit_latents``, the one
 re-initialisation path: Adam moments, tracker statistics and dead counters of
 every touched latent are reset, as for a split. ``extract_plan`` is the math
-(pure); ``apply_extract`` writes it; ``extract_latent`` is the operation the
-policy table (``fcsae.policy.OPERATIONS["extract"]``) runs for a selected latent.
+(pure); ``place_shared`` puts the shared latent first in a Matryoshka SAE's
+nested prefixes; ``apply_extract`` writes it; ``extract_latent`` is the
+operation the policy table (``fcsae.policy.OPERATIONS["extract"]``) runs for a
+selected latent.
 """
 
 from __future__ import annotations
@@ -107,16 +109,39 @@ def extract_plan(W_dec_FD: torch.Tensor, group: list[int], target_cos: float = T
     return ExtractPlan(u_D, target, siblings, rest_SD / beta_S.clamp_min(1e-12)[:, None], beta_S, shared_S)
 
 
+def place_shared(sae, target: int, siblings: list[int]) -> tuple[int, list[int]]:
+    """The slots of the shared latent and of the siblings (in ``siblings``' order).
+
+    Unchanged (``target``, ``siblings``) except for nested-prefix SAEs
+    (``matryoshka``): there latent i is in every prefix wider than i, so the
+    shared direction takes the earliest index among the touched latents, and
+    the sibling that held it moves to ``target``'s slot. Every prefix that held
+    a group member then holds the shared direction; left at a recycled
+    (typically late, rarely used) slot, the early prefixes' losses, which no
+    longer get the shared component from the stripped siblings, would push
+    them to absorb it again. The move costs nothing extra: every touched
+    latent's optimiser moments, tracker statistics and dead counter are reset.
+    """
+    first = min([target, *siblings])
+    if getattr(sae, "widths", None) is None or first == target:
+        return target, list(siblings)
+    return first, [target if j == first else j for j in siblings]
+
+
 @torch.no_grad()
 def apply_extract(ctx, plan: ExtractPlan, target: int) -> list[int]:
-    """Write ``plan`` into ``ctx.sae`` with ``target`` as the shared latent, through ``reinit_latents`` (which also
-    resets their Adam moments, tracker statistics and dead counters); the touched ids."""
+    """Write ``plan`` into ``ctx.sae`` with ``target`` as the shared latent (at the slot ``place_shared`` gives),
+    through ``reinit_latents`` (which also resets their Adam moments, tracker statistics and dead counters).
+
+    Returns the touched ids: the shared latent's slot first, then the siblings' slots in ``plan.siblings``' order.
+    """
     from fcsae.resample import reinit_latents  # the trainer's module; imported late to keep import order simple
 
     sae = ctx.sae
     u_D = plan.u_D.to(sae.W_dec.device, torch.float32)
     beta_S = plan.sib_scale_S.to(u_D.device)
-    ids = [target, *plan.siblings]
+    shared, sib_slots = place_shared(sae, target, plan.siblings)
+    ids = [shared, *sib_slots]
     W_dec_ND = torch.cat([u_D[None], plan.sib_dec_SD.to(u_D.device)])
     W_enc_ND = torch.cat([u_D[None], sae.W_enc[:, plan.siblings].t().float() * beta_S[:, None]])
     b_enc_N = torch.cat([u_D.new_zeros(1), sae.b_enc[plan.siblings].float() * beta_S])
@@ -124,12 +149,16 @@ def apply_extract(ctx, plan: ExtractPlan, target: int) -> list[int]:
     return ids
 
 
-def sibling_group(W_dec_FD: torch.Tensor, latent: int, thresh: float, max_size: int = 16) -> list[int]:
-    """``latent`` and the (at most ``max_size - 1``) latents whose decoder cosine with it is >= ``thresh``."""
+def sibling_group(W_dec_FD: torch.Tensor, latent: int, thresh: float, max_size: int = 16,
+                  exclude=()) -> list[int]:
+    """``latent`` and the (at most ``max_size - 1``) latents whose decoder cosine with it is >= ``thresh``, none of
+    ``exclude``."""
     W_FD = W_dec_FD.detach().float()
     U_FD = W_FD / W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos_F = U_FD @ U_FD[latent]
     cos_F[latent] = -2.0
+    if exclude:
+        cos_F[torch.as_tensor(sorted(exclude), dtype=torch.long, device=cos_F.device)] = -2.0
     order = torch.sort(-cos_F, stable=True).indices[:max_size - 1]
     return [latent] + [int(j) for j in order if float(cos_F[j]) >= thresh]
 
@@ -139,22 +168,26 @@ def extract_latent(ctx, cfg, lat: int, x_ND: torch.Tensor, partner: int):
     """The ``extract`` operation of ``fcsae.policy.OPERATIONS``: de-absorb the group of ``lat``'s decoder siblings.
 
     The group is ``lat`` and the latents whose decoder cosine with it is >=
-    ``cfg.sibling_cos``. Returns None (nothing done) for a group of one, a
-    group with nothing to strip, or when it would need ``partner`` but
-    ``partner`` is in it. ``x_ND`` (``lat``'s activating inputs) is not used:
-    the plan reads decoder rows. The event's ``partner`` is the shared latent,
-    its ``group_sizes`` (siblings stripped, ``lat``'s activating inputs).
+    ``cfg.sibling_cos``, none re-initialised earlier in this event
+    (``ctx.taken``). Returns None (nothing done) for a group of one, a group
+    with nothing to strip, or when it would need ``partner`` but ``partner``
+    is in it. ``x_ND`` (``lat``'s activating inputs) is not used:
+    the plan reads decoder rows. The event's ``partner`` is the shared latent's
+    slot, ``siblings`` the stripped latents' slots (``place_shared``),
+    ``group_sizes`` (siblings stripped, ``lat``'s activating inputs).
     """
     from fcsae.resample import LatentEvent
 
-    group = sibling_group(ctx.sae.W_dec, lat, cfg.sibling_cos)
+    group = sibling_group(ctx.sae.W_dec, lat, cfg.sibling_cos, exclude=getattr(ctx, "taken", ()))
     if len(group) < 2:
         return None
     plan = extract_plan(ctx.sae.W_dec, group)
     target = plan.target if plan.target is not None else partner
     if not plan.siblings or target in plan.siblings:
         return None
-    apply_extract(ctx, plan, target)
-    log.info("step %d: extract: siblings %s of latent %d give their shared component to latent %d (%s)", ctx.step,
-             plan.siblings, lat, target, "their parent" if plan.target is not None else "recycled")
-    return LatentEvent(ctx.step, "extract", lat, target, group_sizes=(len(plan.siblings), int(x_ND.shape[0])))
+    shared, *sib_slots = apply_extract(ctx, plan, target)
+    log.info("step %d: extract: siblings %s of latent %d give their shared component to latent %d (%s%s)", ctx.step,
+             plan.siblings, lat, shared, "their parent" if plan.target is not None else "recycled",
+             "" if shared == target else f", moved from {target}; siblings now at {sib_slots}")
+    return LatentEvent(ctx.step, "extract", lat, shared, group_sizes=(len(plan.siblings), int(x_ND.shape[0])),
+                       siblings=tuple(sib_slots))

@@ -46,6 +46,9 @@ class ResampleContext(NamedTuple):
     """The trainer's generator (checkpointed), for reproducible sampling."""
     tokens_since_fired_F: torch.Tensor | None = None
     """The trainer's dead counters (modified in place: a re-initialised latent starts alive); None outside a trainer."""
+    taken: frozenset = frozenset()
+    """Latents already re-initialised at this event (``fcsae.split.SplitPolicy`` fills it between operations): an
+    operation neither selects nor groups them again."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class LatentEvent:
     step: int
     """Optimiser step of the event."""
     kind: str
-    """``resample`` (a dead latent re-pointed) or the operation's name (``split``)."""
+    """``resample`` (a dead latent re-pointed) or the operation's name (``split``, ``extract``)."""
     latent: int
     """The latent touched (for a split: the one that was selected)."""
     partner: int | None = None
@@ -66,24 +69,29 @@ class LatentEvent:
     group_sizes: tuple[int, int] | None = None
     """Activating inputs of each half (``latent``'s first) for a split; for ``extract`` (siblings stripped,
     ``latent``'s activating inputs); None for a resample."""
+    siblings: tuple[int, ...] | None = None
+    """``extract``: the latents stripped of the shared component, at their slots after the event (a Matryoshka
+    extract may move one, see ``fcsae.extract.place_shared``); None otherwise."""
 
     def to_dict(self) -> dict:
         """Plain JSON-ready mapping (lists, not tuples)."""
         d = dataclasses.asdict(self)
-        if d["group_sizes"] is not None:
-            d["group_sizes"] = list(d["group_sizes"])
+        for key in ("group_sizes", "siblings"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatentEvent":
         """Inverse of ``to_dict``."""
-        sizes = d.get("group_sizes")
-        return cls(**{**d, "group_sizes": tuple(sizes) if sizes is not None else None})
+        tuples = {key: tuple(d[key]) if d.get(key) is not None else None for key in ("group_sizes", "siblings")}
+        return cls(**{**d, **tuples})
 
     @property
     def latents(self) -> list[int]:
-        """Every latent the event re-initialised."""
-        return [self.latent] if self.partner is None else [self.latent, self.partner]
+        """Every latent the event re-initialised (the selected one, the partner, an extract's siblings), once each."""
+        ids = [self.latent] + ([] if self.partner is None else [self.partner]) + list(self.siblings or ())
+        return list(dict.fromkeys(ids))
 
 
 @torch.no_grad()

@@ -176,18 +176,24 @@ class SplitPolicy:
         rows = activating_rows(sae, ctx.buffer_ND, candidates, tau)
         partners = recycle_order(dead_F, scores.freq_F, candidates)
         events: list[LatentEvent] = []
+        taken: set[int] = set()
         for lat, rows_N in zip(candidates.tolist(), rows):
             if len(events) >= cfg.max_splits or not partners:
                 break
+            if lat in taken:  # re-initialised by an earlier operation of this event (an extract's sibling)
+                continue
             if rows_N.numel() < cfg.min_inputs:
                 log.debug("step %d: latent %d skipped: %d activating inputs < min_inputs %d",
                           ctx.step, lat, rows_N.numel(), cfg.min_inputs)
                 continue
-            ev = self.operation(ctx, cfg, lat, ctx.buffer_ND[rows_N] - sae.b_dec, partners[0])
+            ev = self.operation(ctx._replace(taken=frozenset(taken)), cfg, lat, ctx.buffer_ND[rows_N] - sae.b_dec,
+                                partners[0])
             if ev is None:
                 continue
-            if ev.partner in partners:  # extract may use the group's own parent latent instead
-                partners.remove(ev.partner)
+            # Never touch a latent twice in one event (extract also re-initialises the group's siblings, and may use
+            # the group's own parent latent instead of the partner).
+            taken.update(ev.latents)
+            partners = [j for j in partners if j not in taken]
             ev = dataclasses.replace(ev, score=float(score_F[lat]))
             log.info("step %d: %s latent %d (%s score %.4g) into %d and %d, groups %s",
                      ctx.step, ev.kind, lat, cfg.criterion, ev.score, lat, ev.partner, ev.group_sizes)

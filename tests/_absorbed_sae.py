@@ -37,8 +37,13 @@ class Planted(NamedTuple):
     """-1: no group feature; 0: parent alone; j in 1..3: child j (with the parent)."""
 
 
-def absorbed_sae(activation: str = "relu", k: int = 3, n: int = 600, seed: int = 0, with_parent: bool = True) -> Planted:
-    """The SAE and inputs of the module docstring (``with_parent=False``: latent 0 unused too)."""
+def absorbed_sae(activation: str = "relu", k: int = 3, n: int = 600, seed: int = 0, with_parent: bool = True,
+                 threshold: float = 0.3) -> Planted:
+    """The SAE and inputs of the module docstring (``with_parent=False``: latent 0 unused too).
+
+    ``batchtopk``/``matryoshka`` get the inference ``threshold`` (every planted activation is >= 0.8, so all pass)
+    and ``matryoshka`` the prefixes ``4,12`` (the parent and its absorbers in the first).
+    """
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(D, D, generator=g)).Q.T.contiguous()
     W_dec = torch.zeros(F, D)
@@ -57,8 +62,11 @@ def absorbed_sae(activation: str = "relu", k: int = 3, n: int = 600, seed: int =
         W_dec[i] = W_enc[i] = Q[i]
     for i, r in zip(UNUSED, (10, 11)):
         W_dec[i], b_enc[i] = Q[r], -1.0
-    sae = SparseAutoencoder(SAEConfig(d_in=D, dict_size=F, activation=activation, k=k))
+    groups = {"matryoshka_groups": "4,12"} if activation == "matryoshka" else {}
+    sae = SparseAutoencoder(SAEConfig(d_in=D, dict_size=F, activation=activation, k=k, **groups))
     with torch.no_grad():
+        if activation in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(threshold)
         sae.W_dec.copy_(W_dec)
         sae.W_enc.copy_(W_enc.T)
         sae.b_enc.copy_(b_enc)

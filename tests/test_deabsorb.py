@@ -82,22 +82,68 @@ def test_detector_split_uses_the_two_means_split():
     assert events[0].partner in UNUSED
 
 
-@pytest.mark.parametrize("criterion", ["fc", *DETECTOR_CRITERIA])
-@pytest.mark.parametrize("operation", ["split", "extract"])
-def test_every_detector_and_operation_trains_end_to_end(criterion, operation):
-    from fcsae.toy import ToyConfig, make_toy, toy_batches
+def _toy_trainer(activation, split_cfg, steps=60):
+    """A trainer on a small planted toy (2 groups of a parent and 3 children), not yet run."""
+    from fcsae.toy import ToyConfig, make_toy
     from fcsae.trainer import Trainer
 
     toy = make_toy(ToyConfig(d=16, n_independent=4, n_groups=2, n_children=3, n_samples=4096), seed=0)
-    tcfg = TrainerConfig(lr=2e-3, batch_size=256, total_tokens=256 * 60, resample_every=20, resample_until=0.7,
+    tcfg = TrainerConfig(lr=2e-3, batch_size=256, total_tokens=256 * steps, resample_every=20, resample_until=0.7,
                          buffer_tokens=1024, dead_tokens=512, warmup_steps=5, log_every=10)
+    groups = {"matryoshka_groups": "4,12,24"} if activation == "matryoshka" else {}
+    sae = SparseAutoencoder(SAEConfig(d_in=16, dict_size=24, activation=activation, k=3, **groups), seed=0)
+    return Trainer(sae, tcfg, split_cfg, TrackerConfig(enabled=True)), toy
+
+
+@pytest.mark.parametrize("criterion,operation,activation",
+                         [(c, o, "topk") for c in ("fc", *DETECTOR_CRITERIA) for o in ("split", "extract")]
+                         + [(c, o, a) for a in ("batchtopk", "matryoshka")
+                            for c, o in (("fc", "extract"), ("encdec", "split"))])
+def test_every_detector_and_operation_trains_end_to_end(criterion, operation, activation):
+    from fcsae.toy import toy_batches
+
     split_cfg = SplitConfig(criterion=criterion, operation=operation, rule="top_fraction", top_fraction=0.1, min_inputs=4)
-    trainer = Trainer(SparseAutoencoder(SAEConfig(d_in=16, dict_size=24, activation="topk", k=3), seed=0),
-                      tcfg, split_cfg, TrackerConfig())
+    trainer, toy = _toy_trainer(activation, split_cfg)
     events = trainer.fit(toy_batches(toy.x_ND, 256, 0))
     assert trainer.step == 60 and trainer.tracker is not None
     assert all(e.kind == operation and e.step in (20, 40) for e in events)
     assert 0 <= trainer.last_metrics["fvu"] < 1.0
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "matryoshka"])
+def test_extract_events_on_a_trained_sae_of_every_architecture(activation):
+    """One extract event on a toy SAE trained 100 steps: what each event says it wrote is what the SAE holds."""
+    from fcsae.toy import toy_batches
+
+    trainer, toy = _toy_trainer(activation, SplitConfig(), steps=200)
+    batches = toy_batches(toy.x_ND, 256, 0)
+    for _ in range(100):
+        trainer.train_step(next(batches))
+    sae = trainer.sae
+    with torch.no_grad():
+        before = {n: getattr(sae, n).detach().clone() for n in ("W_dec", "W_enc", "b_enc")}
+    threshold = float(sae.threshold)
+    ctx = ResampleContext(sae, trainer.optimizer, trainer.buffer_ND[:trainer.buffer_fill], trainer.dead_mask_F,
+                          trainer.tracker, trainer.step, trainer.generator, trainer.tokens_since_fired_F)
+    cfg = SplitConfig(criterion="siblings", operation="extract", rule="top_fraction", top_fraction=0.5, min_inputs=4)
+    events = SplitPolicy(cfg)(ctx)
+    assert events and all(e.kind == "extract" and e.siblings for e in events)
+    touched = [i for e in events for i in dict.fromkeys([e.partner, *e.siblings])]
+    assert len(touched) == len(set(touched))  # no latent is touched by two operations of one event
+    with torch.no_grad():
+        changed = ((sae.W_dec - before["W_dec"]).abs().amax(1) > 0) | ((sae.b_enc - before["b_enc"]).abs() > 0)
+        assert sorted(changed.nonzero().flatten().tolist()) == sorted(touched)  # nothing else was written
+        for e in events:
+            u_D = sae.W_dec[e.partner]
+            assert torch.allclose(sae.W_enc[:, e.partner], u_D) and float(sae.b_enc[e.partner]) == 0.0
+            sib = list(e.siblings)
+            assert torch.allclose(sae.W_dec[sib].norm(dim=1), torch.ones(len(sib)), atol=1e-5)
+            assert float((sae.W_dec[sib] @ u_D).abs().max()) < 1e-4  # the shared component is gone from them
+            if activation == "matryoshka":  # the shared latent sits in the earliest prefix of its group
+                assert e.partner < min(sib)
+    assert float(trainer.tracker.count_F[touched].abs().max()) == 0.0
+    assert bool((trainer.tokens_since_fired_F[touched] == 0).all())
+    assert float(sae.threshold) == threshold
 
 
 def test_study_arm_space_validates():

@@ -98,9 +98,12 @@ def test_reinit_latents_resets_exactly_the_given_latents_everywhere():
 def test_latent_event_round_trips_through_json():
     ev = LatentEvent(3, "split", 4, 9, 0.25, (10, 12))
     d = json.loads(json.dumps(ev.to_dict()))
-    assert d == {"step": 3, "kind": "split", "latent": 4, "partner": 9, "score": 0.25, "group_sizes": [10, 12]}
+    assert d == {"step": 3, "kind": "split", "latent": 4, "partner": 9, "score": 0.25, "group_sizes": [10, 12],
+                 "siblings": None}
     assert LatentEvent.from_dict(d) == ev and ev.latents == [4, 9]
     assert LatentEvent.from_dict(LatentEvent(1, "resample", 2, score=1.0).to_dict()).latents == [2]
+    ext = LatentEvent(5, "extract", 3, 7, 0.5, (2, 40), siblings=(3, 8))
+    assert LatentEvent.from_dict(json.loads(json.dumps(ext.to_dict()))) == ext and ext.latents == [3, 7, 8]
 
 
 def test_a_new_criterion_and_operation_plug_in_at_the_table(monkeypatch):
