@@ -104,7 +104,8 @@ def run(ctx: TrialContext) -> TrialOutcome:
         metrics=metrics, per_letter=per_letter, configs=cfgs,
         tokens_trained=int(result.metrics.get("tokens", cfgs["trainer"].total_steps * cfgs["trainer"].batch_size)),
         train_seconds=train_s, eval_seconds=now_seconds() - t1,
-        n_split_events=kinds.count("split"), n_resample_events=kinds.count("resample"),
+        # Every split.operation event (split or extract) counts as a split; resample is the dead baseline's.
+        n_split_events=len(kinds) - kinds.count("resample"), n_resample_events=kinds.count("resample"),
         final_loss=result.metrics.get("loss"), sae_path=str(ctx.trial_dir / "sae"),
         events_path=str(ctx.trial_dir / "events.jsonl"),
     )

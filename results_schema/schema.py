@@ -204,7 +204,7 @@ _TRAINING = [
     Column("tokens_trained", pa.int64(), "Activation vectors the SAE was trained on."),
     Column("train_seconds", pa.float64(), "Wall time of training in the final attempt (a resumed trial counts only the time after its resume)."),
     Column("eval_seconds", pa.float64(), "Wall time of the core and absorption evals."),
-    Column("n_split_events", pa.int64(), "Number of latent splits during training."),
+    Column("n_split_events", pa.int64(), "Number of latent operations (split.operation: split or extract events) during training."),
     Column("n_resample_events", pa.int64(), "Number of dead-latent resamplings during training."),
     Column("final_loss", pa.float64(), "Training loss at the last logged step (null if none was logged)."),
     Column("extra_metrics_json", pa.string(), "JSON object of metrics the evals returned that have no column in this schema version."),

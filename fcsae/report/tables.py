@@ -223,7 +223,7 @@ def event_curves(ok: pl.DataFrame) -> tuple[pl.DataFrame, int]:
             continue
         try:
             events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            steps = sorted(int(ev["step"]) for ev in events if ev.get("kind") in ("split", "resample"))
+            steps = sorted(int(ev["step"]) for ev in events if ev.get("kind") in ("split", "extract", "resample"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("%s: unreadable event log (%s); left out of the events figure", path, e)
             continue
