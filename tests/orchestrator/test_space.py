@@ -47,10 +47,25 @@ def test_good_space_parses():
 
 
 def test_shipped_spaces_validate():
-    for name in ("quickstart.yaml", "absorption.yaml"):
-        spec = space.load_space(REPO / "search_spaces" / name)
-        criteria = dict(spec.grid).get("split.criterion") or next(p.values for p in spec.params if p.name == "split.criterion")
-        assert "fc" in criteria and ({"none", "dead"} & set(criteria))
+    spec = space.load_space(REPO / "search_spaces" / "quickstart.yaml")
+    criteria = dict(spec.grid).get("split.criterion") or next(p.values for p in spec.params if p.name == "split.criterion")
+    assert "fc" in criteria and ({"none", "dead"} & set(criteria))
+
+
+def test_gpu_recipe_is_the_study_at_the_literatures_scale():
+    """absorption.yaml: the study's arms, 16k-65k latents, 1e8 tokens, the full vocabulary, a GPU share per trial."""
+    spec = space.load_space(REPO / "search_spaces" / "absorption.yaml", check_machine=False)
+    study = space.load_space(REPO / "search_spaces" / "study.yaml", check_machine=False)
+    assert dict(spec.arms) == dict(study.arms)
+    widths = dict(spec.grid)["sae.dict_size"]
+    assert min(widths) >= 16384 and max(widths) <= 65536 and len(dict(spec.grid)["trainer.seed"]) >= 3
+    assert spec.fixed["trainer"]["total_tokens"] >= 10**8 and spec.fixed["harvest"]["tokens"] >= 10**8
+    assert spec.fixed["eval"]["absorption_words"] == 0 and "k" in spec.fixed["sae"]  # all words; one L0 for all
+    assert 0 < spec.resources.gpu <= 1 and spec.fixed["trainer"]["device"] == spec.fixed["lm"]["device"] == "cuda"
+    assert spec.num_samples == len(spec.grid_cells)
+    if space._machine_gpus() == 0:  # on a CPU-only machine the machine check refuses it, naming the GPU
+        with pytest.raises(space.SpaceError, match="resources.gpu"):
+            space.load_space(REPO / "search_spaces" / "absorption.yaml")
 
 
 def test_unknown_keys_everywhere_listed_together():
