@@ -20,7 +20,11 @@ estimate of the mean and keeps the per-step update to one sparse product.
 The update is one CSR sparse-dense product ``S_FB @ x_BD`` accumulated in place
 (``torch.addmm``): the (latent, input) pairs of a TopK batch are sorted by
 latent once, so no [B*k, D] gather (the naive ``index_add_``) and never a
-[B, F, D] tensor. Memory is O(F x D) whatever the batch.
+[B, F, D] tensor. Memory is O(F x D) whatever the batch. When the forward
+output carries its layout (``ForwardOutput.layout``, the fast path in
+training), the tracker takes the pairs in the order the backward already
+sorted them (stable, batch order within a latent, as its own sort), so it pays
+for no sort of its own; inactive pairs stay in with weight 0.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class ActiveEntries(NamedTuple):
     """Activation value of each pair."""
     counts_F: torch.Tensor
     """Number of active inputs per latent in this batch."""
+    keep_N: torch.Tensor | None = None
+    """Which pairs are active (|a| > tau_act) when the pairs include inactive ones (a forward's whole layout);
+    None: all are."""
 
 
 def active_counts(out, dict_size: int, tau_act: float) -> torch.Tensor:
@@ -77,9 +84,20 @@ def active_entries(out, dict_size: int, tau_act: float, counts_F: torch.Tensor |
 
     TopK outputs use ``idx_BK``/``acts_BK``; dense (relu) outputs use the
     nonzeros of ``latents_BF``. Scanning the transposed mask yields pairs
-    already ordered by latent, so only TopK pays for a sort. ``counts_F``:
+    already ordered by latent, so only TopK pays for a sort, and not even it when the
+    output carries the forward's sorted ``layout`` (then every pair is kept, the
+    inactive ones marked by ``keep_N``). ``counts_F``:
     ``active_counts`` of the same output when the caller has it already.
     """
+    if getattr(out, "idx_BK", None) is not None and getattr(out, "layout", None) is not None:
+        # The forward's pairs, already sorted by latent for its backward: no second sort, no compaction;
+        # inactive pairs stay in with zero weight (exact zeros in every sum).
+        order, crow_F1, rows_N = out.layout.sorted()
+        acts_N = out.acts_BK.detach().reshape(-1)[order]
+        keep_N = acts_N.abs() > tau_act
+        if counts_F is None:
+            counts_F = torch.bincount(out.idx_BK.reshape(-1)[order][keep_N], minlength=dict_size)
+        return ActiveEntries(crow_F1, rows_N, acts_N, counts_F, None if bool(keep_N.all()) else keep_N)
     if getattr(out, "idx_BK", None) is not None:
         acts_BK = out.acts_BK.detach()
         idx_BK = out.idx_BK
@@ -159,7 +177,10 @@ class FrequencyConsistencyTracker:
             return  # the sums take every ``stats_every``-th batch (the n-th, 2n-th, ...)
         ent = active_entries(out, self.dict_size, self.cfg.tau_act, counts_F)
 
-        w_N = ent.acts_N.float() if self.cfg.weighting == "activation" else torch.ones_like(ent.acts_N, dtype=torch.float32)
+        if self.cfg.weighting == "activation":
+            w_N = ent.acts_N.float() if ent.keep_N is None else ent.acts_N.float() * ent.keep_N
+        else:
+            w_N = torch.ones_like(ent.acts_N, dtype=torch.float32) if ent.keep_N is None else ent.keep_N.float()
         decay = alpha ** every if self.cfg.horizon == "ema" else 1.0  # same horizon in steps whatever stats_every
         S_FB = _csr(ent.crow_F1, ent.rows_N, w_N, (self.dict_size, B))
         # In place: sum_FD = decay * sum_FD + S_FB @ x_BD (MKL's fused CSR path; ~4x faster than matmul + add).
@@ -171,7 +192,7 @@ class FrequencyConsistencyTracker:
             self.sqsum_F.mul_(decay).add_(_segment_sums(wd_N * sq_N, ent.crow_F1))
             self.weight_F.mul_(decay).add_(_segment_sums(wd_N, ent.crow_F1))
         else:  # unit weights: the weight of a latent is its count
-            self.sqsum_F.mul_(decay).add_(_segment_sums(sq_N, ent.crow_F1))
+            self.sqsum_F.mul_(decay).add_(_segment_sums(sq_N if ent.keep_N is None else sq_N * ent.keep_N, ent.crow_F1))
             self.weight_F.mul_(decay).add_(counts_d)
         self.count_F.mul_(decay).add_(counts_d)
 

@@ -98,6 +98,33 @@ def matryoshka_loss(prefix_BLD: torch.Tensor, x_BD: torch.Tensor, weights: tuple
     return (err_L * torch.tensor(weights, dtype=err_L.dtype, device=err_L.device)).sum()
 
 
+class LayoutAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` that hands a transposed-view parameter (``W_enc``) to the fused kernel as its contiguous
+    transpose.
+
+    The CPU fused kernel walks the parameter, gradient and moments as flat
+    memory (fine when all four share one layout) but first calls
+    ``grad.contiguous()``, which for ``W_enc``'s [D, F] view of an [F, D]
+    tensor is a strided copy it then does not use (measured 50 ms of a 65 ms
+    update at 16,384 x 576, one thread). Passing the ``.t()`` of all four, which
+    are contiguous and hold the same elements in the same memory, gives the
+    kernel the same element-wise update without the copy. Tensors whose four
+    layouts differ are passed as they are.
+    """
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *rest):
+        first = len(params)
+        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *rest)
+        lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if group["amsgrad"] else [])
+        for i in range(first, len(params)):
+            p = params[i]
+            if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous() and all(
+                    lst[i].stride() == p.stride() for lst in lists):
+                for lst in lists:
+                    lst[i] = lst[i].t()
+        return has_complex
+
+
 class Trainer:
     """Trains one ``SparseAutoencoder`` (see the module docstring)."""
 
@@ -110,7 +137,7 @@ class Trainer:
         self.sae.encoder_bf16 = cfg.bf16_encoder == "on" or (cfg.bf16_encoder == "auto" and bf16_encoder_pays(self.device))
         n_lat, d_in = sae.cfg.dict_size, sae.cfg.d_in
         # fused: one pass per tensor instead of ~6 (2.4x faster Adam step on this CPU at 16384 x 640).
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        self.optimizer = LayoutAdam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.tracker = None
         if needs_tracker(split_cfg, tracker_cfg):
@@ -191,10 +218,11 @@ class Trainer:
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
         self.optimizer.step()
+        sae.recycle_grads()
         if sparse:
             sae.normalize_decoder()
         with torch.no_grad():
-            out = ForwardOutput(*(t.detach() if t is not None else None for t in out))
+            out = out._replace(**{f: t.detach() for f, t in out._asdict().items() if isinstance(t, torch.Tensor)})
             if sae.batch:
                 sae.update_threshold(out, c.threshold_decay)
             self._update_counters(out, x_BD)

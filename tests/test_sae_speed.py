@@ -177,3 +177,69 @@ def test_bf16_trains_to_the_fp32_explained_variance_on_real_activations(tmp_path
     print("explained variance at 150 steps:", evs)
     assert evs["off"] > 0.5
     assert abs(evs["on"] - evs["off"]) < 0.01, evs
+
+
+def test_layout_adam_updates_the_transposed_encoder_like_adam_without_a_copy(monkeypatch):
+    """LayoutAdam on W_enc's [D, F] view of an [F, D] tensor: the fused kernel gets contiguous tensors only, and the
+    parameters after three steps equal plain (unfused) Adam's."""
+    from fcsae.trainer import LayoutAdam
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(FN, D, generator=g)
+    p_fast, p_ref = torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(base.clone().t())
+    b_fast, b_ref = torch.nn.Parameter(torch.randn(FN, generator=g)), None
+    b_ref = torch.nn.Parameter(b_fast.detach().clone())
+    fast = LayoutAdam([p_fast, b_fast], lr=1e-2, fused=True)
+    ref = torch.optim.Adam([p_ref, b_ref], lr=1e-2, foreach=False)
+    seen = []
+    real = torch._fused_adam_
+
+    def spy(params, grads, exp_avgs, exp_avg_sqs, *args, **kw):
+        seen.extend(t.is_contiguous() for t in (*params, *grads, *exp_avgs, *exp_avg_sqs))
+        return real(params, grads, exp_avgs, exp_avg_sqs, *args, **kw)
+
+    monkeypatch.setattr(torch, "_fused_adam_", spy)
+    for _ in range(3):
+        gW = torch.randn(FN, D, generator=g).t()  # the backward's layout: a view like the parameter
+        gb = torch.randn(FN, generator=g)
+        p_fast.grad, p_ref.grad = gW.clone().t().contiguous().t(), gW.contiguous()
+        b_fast.grad, b_ref.grad = gb.clone(), gb.clone()
+        fast.step()
+        ref.step()
+    assert seen and all(seen)
+    assert not p_fast.is_contiguous() and p_fast.t().is_contiguous()  # the parameter keeps its layout
+    torch.testing.assert_close(p_fast, p_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b_fast, b_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast.state[p_fast]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("activation,kw", ACTIVATIONS)
+@pytest.mark.parametrize("dead_frac", [0.0, 0.25])
+def test_recycled_gradient_buffers_are_reused_and_change_nothing(activation, kw, dead_frac, monkeypatch):
+    """After the first step W_enc's gradient (and W_dec's, for topk/batchtopk without AuxK, whose second decode adds a
+    second W_dec gradient autograd sums) lands in the same memory every step, and four steps give bit-identical weights to a
+    trainer that allocates fresh gradients (recycling off)."""
+    fast, _ = _trainers(activation, kw, dead_frac)
+    plain, _ = _trainers(activation, kw, dead_frac)
+    monkeypatch.setattr(plain.sae, "recycle_grads", lambda: None)
+    ptrs = []
+    orig = fast.optimizer.step
+
+    def step_and_note(*a, **k):
+        ptrs.append((fast.sae.W_enc.grad.data_ptr(), fast.sae.W_dec.grad.data_ptr()))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fast.optimizer, "step", step_and_note)
+    for seed in range(4):
+        x = _data(seed)
+        if dead_frac == 0:  # keep every latent alive (dead_tokens is 10, a batch 40): no AuxK at any step
+            fast.tokens_since_fired_F.zero_()
+            plain.tokens_since_fired_F.zero_()
+        fast.train_step(x)
+        plain.train_step(x)
+    assert len({p[0] for p in ptrs[1:]}) == 1, ptrs  # steps 2-4 wrote into the buffer step 1 handed back
+    if dead_frac == 0 and activation != "matryoshka":  # matryoshka decodes its prefixes in one plain embedding_bag
+        assert len({p[1] for p in ptrs[1:]}) == 1, ptrs
+    assert fast.sae.W_enc.grad is None and fast.sae.W_dec.grad is None  # nothing can read a buffer being reused
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(fast.sae, name), getattr(plain.sae, name)), name

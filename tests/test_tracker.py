@@ -7,6 +7,7 @@ import torch
 
 from fcsae.config import TrackerConfig
 from fcsae.errors import FcsaeInputError
+from fcsae.sae import _Layout
 from fcsae.tracker import FrequencyConsistencyTracker
 
 
@@ -17,6 +18,16 @@ class Out(NamedTuple):
     acts_BK: torch.Tensor | None
     idx_BK: torch.Tensor | None
     latents_BF: torch.Tensor | None
+
+
+class LayoutOut(NamedTuple):
+    """A fast-path output: the pairs also come sorted by latent (``ForwardOutput.layout``)."""
+
+    recon_BD: torch.Tensor | None
+    acts_BK: torch.Tensor | None
+    idx_BK: torch.Tensor | None
+    latents_BF: torch.Tensor | None
+    layout: _Layout
 
 
 def topk_out(latents_BF: torch.Tensor, k: int) -> Out:
@@ -80,12 +91,17 @@ def random_batches(kind: str, T=4, B=9, F=6, D=5, k=2, seed=0):
         x = torch.randn(B, D, generator=g) + 0.5
         lat = torch.randn(B, F, generator=g).relu()
         lat[:, -1] = 0.0  # one latent never fires
-        o = topk_out(lat, k) if kind == "topk" else Out(None, None, None, lat)
+        if kind == "relu":
+            o = Out(None, None, None, lat)
+        else:
+            o = topk_out(lat, k)
+            if kind == "topk_layout":
+                o = LayoutOut(*o, _Layout(o.idx_BK, F))
         out.append((o, x))
     return out
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu"])
+@pytest.mark.parametrize("kind", ["topk", "topk_layout", "relu"])
 @pytest.mark.parametrize("consistency", ["normalized", "seed"])
 @pytest.mark.parametrize("horizon,weighting,tau,every", [("ema", "count", 0.0, 1), ("all", "count", 0.3, 1),
                                                          ("ema", "activation", 0.5, 1), ("all", "activation", 0.0, 1),
