@@ -2,7 +2,9 @@
 
 Order of work: validate (``orchestrator.space``) -> refuse an unusable
 experiment dir or cluster address (nothing written yet) -> take the
-experiment's lock -> set up or check the experiment directory -> the runner's
+experiment's lock -> set up or check the experiment directory -> one warning
+line when the trials left are not a multiple of ``max_concurrent`` (the last
+round leaves slots idle) -> the runner's
 ``prepare`` once in this process (activation cache, eval caches) -> start or
 join Ray (+ the watchdog that stops a local Ray if this driver is killed) ->
 ``Tuner.fit`` (or ``Tuner.restore(...).fit``) -> remove what abandoned trials
@@ -398,6 +400,17 @@ def prepare_shared(spec: SweepSpec, root: Path) -> dict:
     return shared
 
 
+def idle_tail(n_trials: int, concurrency: int) -> str | None:
+    """One line saying how much slot time the last round of equal-length trials leaves idle, or None when none."""
+    if n_trials <= 0 or n_trials % concurrency == 0:
+        return None
+    rounds = -(-n_trials // concurrency)
+    idle = rounds * concurrency - n_trials
+    return (f"{n_trials} trials at max_concurrent {concurrency}: the last round runs {n_trials % concurrency} "
+            f"with {idle} slot(s) idle, ~{idle / (rounds * concurrency):.0%} of the slot time for equal-length "
+            f"trials; num_samples a multiple of {concurrency} uses every slot")
+
+
 def count_rows(root: Path, num_samples: int) -> dict[str, int]:
     """Rows per status in the experiment's results, and the ``total`` trials asked for."""
     done = reader.finished_trials(ExperimentPaths(root).results)
@@ -427,6 +440,9 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
         if resuming and n_before >= spec.num_samples:  # a rerun of a finished sweep (make demo twice): no Ray
             log.info("%s is complete (%d of %d trials have rows): nothing to run", root, n_before, spec.num_samples)
             return SweepOutcome(root, sweep_id, before, True)
+        tail = idle_tail(spec.num_samples - n_before, spec.max_concurrent)
+        if tail:
+            log.warning(tail)
         try:
             shared = {**prepare_shared(spec, root), KEEP_CHECKPOINTS: keep_checkpoints}
         except FcsaeInputError:

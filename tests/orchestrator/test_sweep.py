@@ -371,3 +371,12 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path, ray_cluster):
     outcome = driver.run_sweep(space.parse_space(raw), exp, fail_fast=True, live=False)
     assert outcome.counts["failed"] >= 1 and not outcome.complete
     assert outcome.counts["ok"] + outcome.counts["failed"] < 8
+
+
+def test_idle_tail_names_the_idle_slots():  # issue 13 item 8
+    assert driver.idle_tail(4, 2) is None and driver.idle_tail(0, 2) is None and driver.idle_tail(5, 1) is None
+    line = driver.idle_tail(3, 2)
+    assert "last round runs 1 with 1 slot(s) idle" in line and "~25% of the slot time" in line
+    assert "3 slot(s) idle" in driver.idle_tail(1, 4) and "~75%" in driver.idle_tail(1, 4)
+    assert "2 slot(s) idle" in driver.idle_tail(10, 4)  # 3 rounds of 4 slots for 10 trials
+
