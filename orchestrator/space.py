@@ -255,6 +255,15 @@ def _parse_param(name: str, raw, problems) -> ParamSpec | None:
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
 
 
+def _fixed_error(fixed) -> str | None:
+    """The error ``fixed`` alone raises, if any: it is reported under ``fixed.``, so checks of values on top of it skip it."""
+    try:
+        section_configs(fixed)
+    except FcsaeInputError as e:
+        return str(e)
+    return None
+
+
 def _parse_arms(raw, fixed, searched: list[str], problems) -> tuple[tuple[str, dict], ...]:
     """``arms: {name: {dotted field: value}}``: every arm sets the same searchable fields, to values the configs accept."""
     if raw is None:
@@ -263,11 +272,7 @@ def _parse_arms(raw, fixed, searched: list[str], problems) -> tuple[tuple[str, d
         problems.append("arms: must be a mapping of arm names to non-empty mappings {section.field: value}")
         return ()
     fields = list(next(iter(raw.values())))
-    try:
-        section_configs(fixed)
-        fixed_error = None
-    except FcsaeInputError as e:  # already reported under fixed.: do not repeat it for every arm
-        fixed_error = str(e)
+    fixed_error = _fixed_error(fixed)
     arms = []
     for name, arm in raw.items():
         where = f"arms.{name}"
@@ -298,11 +303,7 @@ def _check_param_values(fixed, p: ParamSpec, problems) -> None:
     """Every categorical value and both range ends must be accepted by the config class."""
     values = p.values if p.kind == "categorical" else (p.low, p.high)
     section, field = p.name.split(".", 1)
-    try:
-        section_configs(fixed)
-        fixed_error = None
-    except FcsaeInputError as e:  # already reported under fixed.: do not repeat it for every value
-        fixed_error = str(e)
+    fixed_error = _fixed_error(fixed)
     for v in values:
         msg = field_type_problem(section, field, float(v) if p.kind == "float" else v)
         if msg:
