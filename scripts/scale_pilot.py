@@ -53,17 +53,14 @@ def parse_plan(text: str) -> list[tuple[int, int]]:
 
 
 def largest_cache(model: str, layer: int) -> Path:
-    """The complete activation cache of ``model`` at ``layer`` with the most tokens."""
-    from fcsae.paths import fcsae_home
+    """The largest complete activation cache of ``model`` at ``layer`` on the offline corpus (as ``fcsae train`` picks)."""
+    from fcsae.activations import matching_caches
+    from fcsae.config import HarvestConfig, LMConfig
 
-    best, best_n = None, -1
-    for manifest in (fcsae_home() / "activations").glob("*/manifest.json"):
-        m = json.loads(manifest.read_text())
-        if m.get("model") == model and m.get("layer") == layer and m["n_tokens"] > best_n:
-            best, best_n = manifest.parent, m["n_tokens"]
-    if best is None:
+    found = matching_caches(HarvestConfig(lm=LMConfig(model=model, layer=layer)))
+    if not found:
         raise SystemExit(f"scale_pilot: no complete activation cache of {model} L{layer}; run `fcsae harvest` first")
-    return best
+    return found[0]
 
 
 def run_point(runs: Path, cache: Path, dict_size: int, tokens: int, args) -> dict:
