@@ -44,11 +44,13 @@ AXIS_LABELS: dict[str, str] = {
 
 CRITERION_COLOURS: dict[str, str] = {
     "none": "#555555", "dead": "#1f77b4", "fc": "#d62728", "frequency": "#2ca02c", "inconsistency": "#9467bd",
+    "siblings": "#8c564b", "encdec": "#ff7f0e", "coact": "#17becf", "coact_member": "#e377c2",
 }
 """Fixed colour per split criterion, so every figure of a report uses the same key."""
 
 
-CRITERION_MARKERS: dict[str, str] = {"none": "o", "dead": "s", "fc": "^", "frequency": "D", "inconsistency": "v"}
+CRITERION_MARKERS: dict[str, str] = {"none": "o", "dead": "s", "fc": "^", "frequency": "D", "inconsistency": "v",
+                                     "siblings": "P", "encdec": "X", "coact": "<", "coact_member": ">"}
 """Fixed marker per split criterion: series that coincide stay distinguishable (drawn large to small)."""
 ACTIVATION_MARKERS: dict[str, str] = {"topk": "o", "batchtopk": "s", "matryoshka": "*", "relu": "X"}
 """Fixed marker per architecture (``sae.activation``) where a figure compares architectures (colour = criterion)."""

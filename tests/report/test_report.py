@@ -320,3 +320,13 @@ def test_fc_patterns_of_trials_with_tracker_state(tmp_path):
     assert (res.out_dir / "figures" / "fc_scatter_fc.png").exists()
     assert not (res.out_dir / "figures" / "fc_scatter_none.png").exists()
     assert "2 criteria's best trials have no reachable SAE with tracker state" in md
+
+
+def test_every_criterion_has_its_own_colour_and_marker():
+    # A criterion missing from the fixed keys fell back to the cycle, where the 4th group drew fc's red triangle.
+    from fcsae.plotting import CRITERION_COLOURS, CRITERION_MARKERS
+    from fcsae.policy import CRITERIA
+
+    assert set(CRITERIA) <= set(CRITERION_COLOURS) and set(CRITERIA) <= set(CRITERION_MARKERS)
+    assert len(set(CRITERION_COLOURS.values())) == len(CRITERION_COLOURS)
+    assert len(set(CRITERION_MARKERS.values())) == len(CRITERION_MARKERS)
