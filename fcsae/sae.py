@@ -43,10 +43,11 @@ fp32's where two pre-activations are within bf16 rounding of each other).
 pre-activations of the whole batch during training (``forward``); a token's
 kept latents are returned as a [B, K] block padded with zero activations, K
 the most any token kept, so every consumer of ``acts_BK``/``idx_BK`` reads them
-as it reads TopK's. At inference (``encode``) the code is batch-independent:
-``relu(pre) * (pre > threshold)`` with ``threshold`` the EMA (decay
-``trainer.threshold_decay``) of the smallest kept activation per training
-batch, updated by ``update_threshold``. ``matryoshka`` also returns the
+as it reads TopK's; the sparse products skip the padding (``_Layout``'s
+``counts_B``), so uneven rows cost what their kept pairs cost. At inference
+(``encode``) the code is batch-independent: ``relu(pre) * (pre > threshold)``
+with ``threshold`` the EMA (decay ``trainer.threshold_decay``) of the smallest
+kept activation per training batch, updated by ``update_threshold``. ``matryoshka`` also returns the
 reconstruction of every nested prefix of the dictionary from the same kept
 activations (``prefix_recons_BLD``), decoded in one ``embedding_bag`` over
 (token, group) bags and summed cumulatively.
@@ -127,19 +128,49 @@ class _Layout:
     169 ms in token order at 4,096 x 64 pairs, 576 wide). The sort is stable, so
     within a latent the pairs keep batch order and every sum over them is
     deterministic (the tracker reuses it: ``sorted``).
+
+    ``counts_B`` (batch top-k's ragged rows): only the first ``counts_B[b]``
+    pairs of row b are real; the padding after them is left out of every
+    product, so the cost follows the kept pairs, not B x the longest row.
     """
 
-    def __init__(self, idx_BN: torch.Tensor, n_rows: int):
-        self.idx_BN, self.n_rows = idx_BN, n_rows
+    def __init__(self, idx_BN: torch.Tensor, n_rows: int, counts_B: torch.Tensor | None = None):
+        self.idx_BN, self.n_rows, self.counts_B = idx_BN, n_rows, counts_B
         self._sorted = None
+        self._real = None
+
+    def real(self) -> torch.Tensor | None:
+        """Flat positions (into ``idx_BN``) of the real pairs in batch order, or None when every pair is real."""
+        if self.counts_B is None:
+            return None
+        if self._real is None:
+            N = self.idx_BN.shape[1]
+            mask_BN = torch.arange(N, device=self.idx_BN.device)[None, :] < self.counts_B[:, None]
+            self._real = mask_BN.reshape(-1).nonzero().squeeze(1)
+        return self._real
+
+    def bag(self, W_RD: torch.Tensor, w_BN: torch.Tensor) -> torch.Tensor:
+        """``out[b] = sum over the real pairs n of row b of w[b, n] * W[idx[b, n]]`` (an ``embedding_bag``)."""
+        real = self.real()
+        if real is None:
+            return F.embedding_bag(self.idx_BN, W_RD, per_sample_weights=w_BN, mode="sum")
+        offsets_B = torch.zeros_like(self.counts_B)
+        torch.cumsum(self.counts_B[:-1], 0, out=offsets_B[1:])
+        return F.embedding_bag(self.idx_BN.reshape(-1)[real], W_RD, offsets_B,
+                               per_sample_weights=w_BN.reshape(-1)[real], mode="sum")
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(order, crow, col)``: flat pair positions in latent order, CSR row pointers over latents, each pair's token."""
         if self._sorted is None:
             N = self.idx_BN.shape[1]
             flat = self.idx_BN.reshape(-1)
+            real = self.real()
+            if real is not None:
+                flat = flat[real]
             keys = flat.int() if self.n_rows < 2 ** 31 else flat  # int32 keys sort faster
             order = torch.sort(keys, stable=True).indices
+            if real is not None:
+                order = real[order]  # back to positions in the padded block
             crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=flat.device)
             torch.cumsum(torch.bincount(flat, minlength=self.n_rows), 0, out=crow[1:])
             self._sorted = (order, crow, torch.div(order, N, rounding_mode="floor"))
@@ -160,7 +191,8 @@ class _Layout:
         order, crow, col = self.sorted()
         mask_RB = _csr(crow, col, y_BD.new_zeros(order.numel()), (self.n_rows, self.idx_BN.shape[0]))
         vals_N = torch.sparse.sampled_addmm(mask_RB, M_RD, y_BD.t()).values()
-        out = torch.empty_like(vals_N)
+        # Padding pairs (ragged rows) are in no product: their entries stay 0.
+        out = vals_N.new_zeros(self.idx_BN.numel()) if self.counts_B is not None else torch.empty_like(vals_N)
         out[order] = vals_N
         return out.view(self.idx_BN.shape)
 
@@ -245,7 +277,7 @@ class _TopKEncode(torch.autograd.Function):
             aux_vals_BA = xc_BD.new_zeros(xc_BD.shape[0], 0)
             aux_idx_BA = idx_BK.new_zeros(xc_BD.shape[0], 0)
         ws.give("pre", pre_BF)
-        main, aux = _Layout(idx_BK, n_lat), _Layout(aux_idx_BA, n_lat)
+        main, aux = _Layout(idx_BK, n_lat, m_B), _Layout(aux_idx_BA, n_lat)
         if bf16:
             vals_BK = main.dots(xc_BD, W_encT_FD) + b_enc_F[idx_BK]
             if m_B is not None:  # batch top-k pads short rows with zero activations
@@ -273,7 +305,9 @@ class _TopKEncode(torch.autograd.Function):
         if need_b or need_bdec:
             grad_b = xc_BD.new_zeros(n_lat)
             for lay, g in parts:
-                grad_b.index_add_(0, lay.idx_BN.reshape(-1), g.reshape(-1))
+                real = lay.real()
+                idx, gf = lay.idx_BN.reshape(-1), g.reshape(-1)
+                grad_b.index_add_(0, idx if real is None else idx[real], gf if real is None else gf[real])
         if need_W:
             grad_W = ctx.ws.take("grad.W_enc", tuple(W_encT_FD.shape), W_encT_FD.dtype, W_encT_FD.device)
             main.scatter(g_vals_BK, xc_BD, out_RD=grad_W, accumulate=False)
@@ -283,7 +317,7 @@ class _TopKEncode(torch.autograd.Function):
             # d pre[b, f] / d b_dec = -W_enc[:, f]: summed over the pairs that is -(grad b_enc) @ W_enc^T.
             grad_bdec = -(grad_b @ W_encT_FD)
         if need_x:
-            grad_x = sum(F.embedding_bag(lay.idx_BN, W_encT_FD, per_sample_weights=g, mode="sum") for lay, g in parts)
+            grad_x = sum(lay.bag(W_encT_FD, g) for lay, g in parts)
         return grad_x, grad_bdec, grad_W, grad_b if need_b else None, None, None, None, None, None, None, None
 
 
@@ -295,7 +329,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, acts_BN, W_dec_FD, layout, ws):
         ctx.layout, ctx.ws = layout, ws
         ctx.save_for_backward(acts_BN, W_dec_FD)
-        return F.embedding_bag(layout.idx_BN, W_dec_FD, per_sample_weights=acts_BN, mode="sum")
+        return layout.bag(W_dec_FD, acts_BN)
 
     @staticmethod
     def backward(ctx, g_BD):
@@ -312,30 +346,50 @@ class _SparseDecode(torch.autograd.Function):
 def batch_topk(pre_BF: torch.Tensor, n: int, k: float, with_counts: bool = False):
     """The ``n`` largest entries of the whole batch, as per-row blocks [B, K] padded with zeros.
 
-    Row b keeps its ``m_b`` largest pre-activations (``sum_b m_b = n``); K is
-    the largest ``m_b``, values beyond ``m_b`` are 0 (so ReLU and every
-    ``acts > 0`` test drop them) and their indices are harmless duplicates of
-    real ones. Exactness without a [B*F] top-n: take each row's top ``cap``,
-    pick the top n among those candidates, and double ``cap`` while some row
-    kept all its candidates (it may have more above the batch threshold).
+    Row b keeps its ``m_b`` largest pre-activations (``sum_b m_b = n``), in its
+    first ``m_b`` columns; K is the largest ``m_b``. Padding values are 0 (so ReLU
+    and every ``acts > 0`` test drop them) and padding indices are columns of
+    the row that it did not keep (a scatter of the block never overwrites a kept
+    value). ``with_counts`` also returns ``m_B``: the sparse path then skips the
+    padding (``_Layout``), so a batch whose busiest token keeps 1,000 latents
+    costs the same as one with even rows.
+
+    Exactness without a [B*F] top-n: take each row's top ``cap`` candidates;
+    the n-th largest candidate ``t`` is at most the batch's true threshold, so a
+    row whose last candidate is below ``t`` already holds all it keeps; the few
+    rows whose candidates all reach ``t`` are sorted whole, and the top n is
+    taken over both (one extra pass, however uneven the rows).
     """
     B, Fn = pre_BF.shape
+    dev = pre_BF.device
     cap = min(Fn, max(4 * math.ceil(k), -(-n // B)))
-    while True:
-        vals_BC, idx_BC = pre_BF.topk(cap, dim=1, sorted=True)
-        keep = torch.zeros(B * cap, dtype=torch.bool, device=pre_BF.device)
-        keep[vals_BC.reshape(-1).topk(n, sorted=False).indices] = True
-        # Ties at the batch threshold could pick a later column: count, then take the row's first m_b.
-        m_B = keep.view(B, cap).sum(1)
-        if cap == Fn or int(m_B.max()) < cap:
-            break
-        cap = min(Fn, 2 * cap)
+    vals_BC, idx_BC = pre_BF.topk(cap, dim=1, sorted=True)
+    top = vals_BC.reshape(-1).topk(n, sorted=False)
+    rows_N = torch.div(top.indices, cap, rounding_mode="floor")
+    full_S = (vals_BC[:, -1] >= top.values.min()).nonzero().squeeze(1) if cap < Fn else rows_N[:0]
+    if full_S.numel():
+        full_vals_SF, full_idx_SF = pre_BF.index_select(0, full_S).sort(dim=1, descending=True)
+        cand = torch.cat([vals_BC.index_fill(0, full_S, float("-inf")).reshape(-1), full_vals_SF.reshape(-1)])
+        pos_N = cand.topk(n, sorted=False).indices
+        in_full = pos_N >= B * cap
+        rows_N = torch.where(in_full, full_S[(pos_N - B * cap).clamp_min(0) // Fn],
+                             torch.div(pos_N, cap, rounding_mode="floor"))
+    # Ties at the threshold could pick a later column: count per row, then take the row's first m_b.
+    m_B = torch.bincount(rows_N, minlength=B)
     K = max(1, int(m_B.max()))
-    vals_BK = vals_BC[:, :K].clone()
-    vals_BK[torch.arange(K, device=pre_BF.device)[None, :] >= m_B[:, None]] = 0.0
+    Kc = min(K, cap)
+    # Columns past a row's cap: its last candidate, which a row that is not sorted whole never keeps.
+    idx_BK = idx_BC[:, cap - 1:cap].expand(B, K).clone()
+    idx_BK[:, :Kc] = idx_BC[:, :Kc]
+    vals_BK = vals_BC.new_zeros(B, K)
+    vals_BK[:, :Kc] = vals_BC[:, :Kc]
+    if full_S.numel():
+        idx_BK[full_S] = full_idx_SF[:, :K]
+        vals_BK[full_S] = full_vals_SF[:, :K]
+    vals_BK[torch.arange(K, device=dev)[None, :] >= m_B[:, None]] = 0.0
     if with_counts:  # m_B: how many of each row's K entries are real
-        return vals_BK, idx_BC[:, :K].contiguous(), m_B
-    return vals_BK, idx_BC[:, :K].contiguous()
+        return vals_BK, idx_BK, m_B
+    return vals_BK, idx_BK
 
 
 def batch_n(k: float, batch: int) -> int:
@@ -496,7 +550,7 @@ class SparseAutoencoder(nn.Module):
                 dead_mask_F if a > 0 else None, a, n, lay, self.encoder_bf16, self.workspace)
             acts_BK = F.relu(vals_BK)
             if self.widths is not None:
-                prefix_BLD = self.decode_prefixes(acts_BK, idx_BK)
+                prefix_BLD = self.decode_prefixes(acts_BK, idx_BK, lay.main.real())
                 out = ForwardOutput(prefix_BLD[:, -1], acts_BK, idx_BK, None, prefix_BLD, lay.main)
             else:
                 out = ForwardOutput(self.decode_sparse(acts_BK, idx_BK, layout=lay.main, reuse_grad=True),
@@ -522,21 +576,25 @@ class SparseAutoencoder(nn.Module):
         aux_vals_BA, aux_idx_BA = pre_BF.masked_fill(~dead_mask_F, float("-inf")).topk(a, dim=1, sorted=False)
         return out, AuxOutput(F.relu(aux_vals_BA), aux_idx_BA)
 
-    def decode_prefixes(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+    def decode_prefixes(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction by each nested prefix [B, levels, D] from the kept latents, one decode for all levels.
 
         Each kept (token, latent) goes to the bag (token, its group); the bags'
-        sums, accumulated over groups, are the prefix reconstructions.
+        sums, accumulated over groups, are the prefix reconstructions. ``real``:
+        flat positions of the real pairs (``_Layout.real``), the padding skipped.
         """
-        B, K = idx_BK.shape
+        B = idx_BK.shape[0]
         L = len(self.widths)
+        idx_N, acts_N = idx_BK.reshape(-1), acts_BK.reshape(-1)
+        tok_N = torch.arange(B, device=idx_BK.device).repeat_interleave(idx_BK.shape[1])
+        if real is not None:
+            idx_N, acts_N, tok_N = idx_N[real], acts_N[real], tok_N[real]
         bounds = torch.tensor(self.widths[:-1], dtype=idx_BK.dtype, device=idx_BK.device)
-        bag_BK = torch.bucketize(idx_BK, bounds, right=True) + L * torch.arange(B, device=idx_BK.device)[:, None]
-        order = torch.argsort(bag_BK.reshape(-1), stable=True)
+        bag_N = torch.bucketize(idx_N, bounds, right=True) + L * tok_N
+        order = torch.argsort(bag_N, stable=True)
         offsets = torch.zeros(B * L, dtype=torch.long, device=idx_BK.device)
-        torch.cumsum(torch.bincount(bag_BK.reshape(-1), minlength=B * L)[:-1], 0, out=offsets[1:])
-        part_ND = F.embedding_bag(idx_BK.reshape(-1)[order], self.W_dec, offsets,
-                                  per_sample_weights=acts_BK.reshape(-1)[order], mode="sum")
+        torch.cumsum(torch.bincount(bag_N, minlength=B * L)[:-1], 0, out=offsets[1:])
+        part_ND = F.embedding_bag(idx_N[order], self.W_dec, offsets, per_sample_weights=acts_N[order], mode="sum")
         return part_ND.view(B, L, -1).cumsum(1) + self.b_dec
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from fcsae import cli
 from fcsae.config import SAEConfig, SplitConfig, TrackerConfig
 from fcsae.errors import FcsaeInputError
-from fcsae.sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder, batch_n
+from fcsae.sae import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder, _Layout, batch_n, batch_topk
 from fcsae.trainer import Trainer, matryoshka_loss
 from tests.test_sae import _pair as sae_pair
 from tests.test_trainer import _run, fake_cache, tcfg  # noqa: F401  (fake_cache is a fixture)
@@ -226,3 +226,64 @@ def test_toy_benchmark_architecture_axis_ends_with_its_headline(tmp_path):
     assert last.startswith("toy_architectures: ratio=") and "at k=2, below the true L0" in last
     bad = subprocess.run([sys.executable, str(script), "--activation", "topk", "--k", "2.5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "topk keeps a whole number" in bad.stderr and bad.stdout.count("\n") == 0
+
+
+def _uneven_pre(B, Fn, seed):
+    """Pre-activations whose batch top-n is very uneven: a few tokens hold most of the batch's largest entries."""
+    g = torch.Generator().manual_seed(seed)
+    pre_BF = torch.randn(B, Fn, generator=g)
+    pre_BF[0] += 6.0  # one token takes nearly all of the budget
+    pre_BF[1:4] += 3.0
+    pre_BF[-1] -= 9.0  # and one keeps nothing
+    return pre_BF
+
+
+@pytest.mark.parametrize("B, Fn, k", [(64, 256, 2.0), (33, 97, 3.5), (8, 40, 5.0), (16, 24, 12.0)])
+def test_batch_topk_exact_on_uneven_rows(B, Fn, k):
+    """Against the brute-force flat top-n: the same entries kept, each row's kept ones first, padding 0 at unkept columns."""
+    pre_BF = _uneven_pre(B, Fn, B)
+    n = batch_n(k, B)
+    vals_BK, idx_BK, m_B = batch_topk(pre_BF, n, k, with_counts=True)
+    want_BF = torch.zeros(B * Fn, dtype=torch.bool)
+    want_BF[pre_BF.reshape(-1).topk(n).indices] = True
+    want_BF = want_BF.view(B, Fn)
+    assert int(m_B.sum()) == n and torch.equal(m_B, want_BF.sum(1))
+    if 4 * k < Fn:  # else the first pass already takes whole rows (the last case)
+        assert int(m_B.max()) > 4 * k  # the busiest row exceeds the first candidate pass: the whole-row path ran
+    real_BK = torch.arange(idx_BK.shape[1])[None, :] < m_B[:, None]
+    got_BF = torch.zeros(B, Fn, dtype=torch.bool)
+    got_BF[torch.arange(B)[:, None].expand_as(idx_BK)[real_BK], idx_BK[real_BK]] = True
+    assert torch.equal(got_BF, want_BF)
+    torch.testing.assert_close(vals_BK[real_BK], pre_BF.gather(1, idx_BK)[real_BK])
+    assert bool((vals_BK[~real_BK] == 0).all())
+    assert not bool(want_BF.gather(1, idx_BK)[~real_BK].any())  # no padding index is a kept column
+
+
+def test_ragged_layout_products_match_dense_references():
+    """``_Layout`` with ``counts_B``: the bag, scatter and dots over the real pairs equal their dense forms."""
+    pre_BF = _uneven_pre(20, 50, 3)
+    vals_BK, idx_BK, m_B = batch_topk(pre_BF, batch_n(3.0, 20), 3.0, with_counts=True)
+    lay = _Layout(idx_BK, 50, m_B)
+    g = torch.Generator().manual_seed(4)
+    w_BK = torch.randn(idx_BK.shape, generator=g)
+    real_BK = torch.arange(idx_BK.shape[1])[None, :] < m_B[:, None]
+    w_BF = torch.zeros(20, 50).scatter_add(1, idx_BK, w_BK * real_BK)
+    M_FD, y_BD = torch.randn(50, 7, generator=g), torch.randn(20, 7, generator=g)
+    torch.testing.assert_close(lay.bag(M_FD, w_BK), w_BF @ M_FD)
+    torch.testing.assert_close(lay.scatter(w_BK, y_BD), w_BF.t() @ y_BD)
+    torch.testing.assert_close(lay.dots(y_BD, M_FD), (y_BD @ M_FD.t()).gather(1, idx_BK) * real_BK)
+    order, crow, col = lay.sorted()
+    assert order.numel() == int(m_B.sum()) == int(crow[-1])  # padding is in no product
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+def test_fast_gradients_match_dense_reference_on_uneven_batch(activation):
+    fast, dense = _pair(activation, 3.0, **({"matryoshka_groups": "4,12,48"} if activation == "matryoshka" else {}))
+    x = torch.randn(30, D, generator=torch.Generator().manual_seed(6))
+    x[0] *= 40.0  # this token takes most of the batch's latents
+    assert int((fast(x).acts_BK[0] > 0).sum()) > 4 * 3.0
+    for sae in (fast, dense):
+        Trainer(sae, tcfg())._losses(x, 0)[0].backward()
+    torch.testing.assert_close(fast(x).recon_BD, dense(x).recon_BD, atol=1e-4, rtol=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(fast, name).grad, getattr(dense, name).grad, atol=1e-4, rtol=1e-4)
