@@ -358,15 +358,63 @@ def _write_tables(blocks: list[Block], out: Path) -> None:
         df.write_csv(out / "tables" / f"{i:02d}_{slug}.csv")
 
 
+MANIFEST = ".fcsae-report.json"
+"""The files a report directory's last build wrote (relative paths): a rebuild replaces those and keeps the rest."""
+OWN_TOP = ("report.md", "report.html")
+OWN_DIRS = ("figures", "tables")
+
+
+def _own_files(out: Path) -> set[str]:
+    """What fcsae-report wrote in an earlier report directory: its manifest's list, else (reports built before the
+    manifest existed) ``report.md``, ``report.html`` and the files under ``figures/`` and ``tables/``."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text())["files"]
+        if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
+            return set(listed) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    own = {f for f in OWN_TOP if (out / f).is_file()}
+    for d in OWN_DIRS:
+        own |= {p.relative_to(out).as_posix() for p in (out / d).rglob("*") if p.is_file()} if (out / d).is_dir() else set()
+    return own
+
+
+def _write_manifest(tmp: Path) -> None:
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _foreign_files(out: Path, tmp: Path) -> list[Path]:
+    """The files of ``out`` that fcsae-report did not write (relative paths); refuse when one has the path of a file
+    the new report in ``tmp`` writes."""
+    own = _own_files(out)
+    foreign = [p.relative_to(out) for p in sorted(out.rglob("*")) if p.is_file() and p.relative_to(out).as_posix() not in own]
+    clash = [p for p in foreign if (tmp / p).exists()]
+    if clash:
+        raise FcsaeInputError(f"--out: {out / clash[0]} was not written by fcsae-report but the new report writes "
+                              "that path; move it, or give another --out")
+    return foreign
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` directory (the old report is removed only after the new one is in place)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{dt.datetime.now():%H%M%S%f}")
-        out.rename(old)
+    """Replace ``out`` by the finished ``tmp`` directory, keeping every file fcsae-report did not write there.
+
+    The old directory is set aside, the new one renamed in, the foreign files
+    moved over, and only then is the old one removed: a failure on the way
+    leaves them in the set-aside directory, never deleted.
+    """
+    _write_manifest(tmp)
+    if not out.exists():
+        tmp.rename(out)
+        return
+    foreign = _foreign_files(out, tmp)
+    old = out.with_name(f".{out.name}.old-{dt.datetime.now():%H%M%S%f}")
+    out.rename(old)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    for rel in foreign:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).rename(out / rel)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def default_out_dir(results_dir: Path) -> Path:

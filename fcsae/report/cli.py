@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         "events. Works on running or interrupted sweeps. See docs/report.md.",
     )
     p.add_argument("results", help="the sweep's results directory (<experiment>/results) or its experiment directory")
-    p.add_argument("--out", default=None, help="output directory (default <experiment>/report); replaced if it holds a report")
+    p.add_argument("--out", default=None, help="output directory (default <experiment>/report); an earlier report there is replaced, files it did not write are kept")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -282,6 +283,43 @@ def test_out_dir_that_is_not_a_report_is_refused(tmp_path, capsys):
     (keep / "data.txt").write_text("mine")
     assert report_main([str(results), "--out", str(keep)]) == 2
     assert "--out:" in capsys.readouterr().err and (keep / "data.txt").read_text() == "mine"
+
+
+def test_rebuild_keeps_files_the_report_did_not_write(tmp_path, capsys):
+    """A rebuild replaces the report's own files and keeps a user's notes beside them (docs/results/* hold READMEs)."""
+    results = write_sweep(tmp_path / "exp", seeds=(0,), n_failed=0, events=False)
+    out = tmp_path / "rep"
+    first = build_report(results, out)
+    assert json.loads((out / ".fcsae-report.json").read_text())["files"]
+    (out / "README.md").write_text("how this was run")
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("mine")
+    (out / "figures" / "extra.png").write_bytes(b"user figure")
+    (out / "figures" / first.figures[0].name).write_bytes(b"stale")  # the report's own file: replaced
+    res = build_report(results, out)
+    assert (out / "README.md").read_text() == "how this was run" and (out / "notes" / "a.txt").read_text() == "mine"
+    assert (out / "figures" / "extra.png").read_bytes() == b"user figure"
+    assert res.figures[0].read_bytes() != b"stale" and res.markdown.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep")]  # no set-aside or temp dir left
+    # A user file where the new report writes: refused before anything moves, everything still there.
+    (out / "figures" / "extra.png").unlink()
+    manifest = json.loads((out / ".fcsae-report.json").read_text())
+    manifest["files"].remove("report.html")
+    (out / ".fcsae-report.json").write_text(json.dumps(manifest))
+    (out / "report.html").write_text("<p>mine</p>")
+    assert report_main([str(results), "--out", str(out)]) == 2
+    assert "report.html was not written by fcsae-report" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == "<p>mine</p>" and (out / "README.md").is_file()
+
+
+def test_rebuild_of_a_report_without_manifest_keeps_top_level_files(tmp_path):
+    results = write_sweep(tmp_path / "exp", seeds=(0,), n_failed=0, events=False)
+    out = tmp_path / "rep"
+    build_report(results, out)
+    (out / ".fcsae-report.json").unlink()  # as reports built before the manifest existed
+    (out / "README.md").write_text("kept")
+    build_report(results, out)
+    assert (out / "README.md").read_text() == "kept" and (out / ".fcsae-report.json").is_file()
 
 
 def test_default_objectives_without_sweep_json(tmp_path):
