@@ -71,6 +71,13 @@ def test_split_encoders_fire_each_half_on_its_own_centroid_only():
     torch.testing.assert_close(enc.b_2, -norms)  # the origin (b_dec): off
     par = split_encoders(torch.stack([cent[0], 2 * cent[0]]))  # parallel centroids: plain directions
     assert torch.allclose(torch.nn.functional.cosine_similarity(par.W_2D, cent[0].expand(2, -1)), torch.ones(2))
+    # act_2: the same decision boundary, pre-activation act_2[g] on the own centroid.
+    act = torch.tensor([0.7, 2.5])
+    scaled = split_encoders(cent, act_2=act)
+    pre_s = cent @ scaled.W_2D.T + scaled.b_2
+    torch.testing.assert_close(pre_s.diagonal(), act)
+    torch.testing.assert_close(pre_s.fliplr().diagonal(), -act.flip(0))
+    assert torch.equal(pre_s > 0, pre > 0)
 
 
 def planted_sae_and_buffer(n_a=40, n_b=24, seed=0):
@@ -126,6 +133,11 @@ def test_split_puts_the_two_latents_on_the_planted_clusters(caplog):
     assert (pre.diagonal() > 0.5).all() and (pre.fliplr().diagonal() < -0.5).all()
     torch.testing.assert_close(pre.diagonal(), -pre.fliplr().diagonal(), atol=0.1, rtol=0.05)
     assert (sae.W_enc[:, [0, 5]].norm(dim=0) <= enc_norm_before * (1 + 1e-5)).all()
+    # At the split latent's own magnitude on its inputs (4 cos 45 = 2.83), not the centroid's norm (4): the halves
+    # add to each input what the latent did, so the reconstruction of its inputs does not jump. Uncapped, that
+    # encoder has norm 2 x 2.83 / 4 = 1.41; the cap (the latent's norm, ~1) scales it down with its bias.
+    want = 4 * 0.5 ** 0.5 * min(1.0, enc_norm_before / 2 ** 0.5)
+    torch.testing.assert_close(pre.diagonal(), torch.full((2,), want), atol=0.1, rtol=0.03)
     # Others untouched; Adam moments and tracker stats of both reset.
     others = [1, 2, 3, 4, 6, 7]
     torch.testing.assert_close(sae.W_dec[others], W_dec_before[others])
