@@ -104,10 +104,29 @@ def replay_tensors(sae, data, norm_scale: float, n_check: int = 256) -> dict[str
     from fcsae.evals.absorption import encode_sparse
 
     x = data.acts_test_ND[:n_check].float().clone()
+    margin_N, tol_N = selection_margin(sae, x, norm_scale)
     return {"acts_train": data.acts_train_ND.float(), "acts_test": data.acts_test_ND.float(),
             "labels_train": data.labels_train_N, "labels_test": data.labels_test_N,
             "probe_W": data.probe_W_LD.float(), "probe_b": data.probe_b_L.float(),
-            "codes_check_x": x, "codes_check_z": encode_sparse(sae, x, norm_scale).to_dense()}
+            "codes_check_x": x, "codes_check_z": encode_sparse(sae, x, norm_scale).to_dense(),
+            "codes_check_margin": margin_N, "codes_check_tie_tol": tol_N}
+
+
+def selection_margin(sae, x_ND: torch.Tensor, norm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (raw units): how far its selection is from flipping (TopK: the k-th minus the (k+1)-th
+    pre-activation; threshold SAEs: the pre-activation nearest the threshold), and the fp32 rounding that
+    two encoder formulas can differ by (1e-6 x ||x|| x the largest encoder norm). A token whose margin is
+    below that may keep another latent in SAELens's arithmetic: a tie, not a wrong export (measured on
+    the study's 4,096-latent SAE: 1 token of 256, margin 5e-6, fp64 agreeing with fcsae)."""
+    with torch.no_grad():
+        pre_NF = sae.pre_acts(x_ND * norm_scale) / norm_scale
+        if getattr(sae, "batch", False):
+            margin_N = (pre_NF - float(sae.threshold.clamp_min(0)) / norm_scale).abs().min(1).values
+        else:
+            top_NK = pre_NF.topk(sae.cfg.k + 1, dim=1).values
+            margin_N = top_NK[:, -2] - top_NK[:, -1]
+        tol_N = 1e-6 * x_ND.norm(dim=1) * float(sae.W_enc.norm(dim=0).max()) + 1e-6
+    return margin_N, tol_N
 
 
 def default_sae() -> str:
@@ -196,7 +215,9 @@ def compare_one(sae_dir: str, args, py: str, work: Path, lm) -> dict:
            if same["mean_absorption_fraction"] else float("nan")}
     print(f"\n== {tag}: {target.model} layer {target.layer}, {sae.cfg.activation} {sae.cfg.dict_size} latents "
           f"(k {sae.cfg.k}), {res['words']} words")
-    print(f"SAELens export: {same['sae_class']}, same active latents {same.get('saelens_same_active_latents')}, "
+    print(f"SAELens export: {same['sae_class']}, same active latents {same.get('saelens_same_active_latents')} "
+          f"({same.get('saelens_tokens_differing', '?')} of {same.get('saelens_tokens_checked', '?')} tokens differ, "
+          f"at fp32 ties only: {same.get('saelens_differing_at_ties_only')}), "
           f"codes max |diff| {same.get('saelens_codes_max_abs_diff', float('nan')):.2e}")
     print(f"same probe  : fcsae {_fmt(ours['mean_absorption_fraction'])}  SAEBench {_fmt(same['mean_absorption_fraction'])}"
           f"  ratio {res['ratio_same']:.3f}  (letters {int(ours['n_letters'])} vs {same['n_letters']})")

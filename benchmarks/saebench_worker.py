@@ -183,6 +183,11 @@ def run(job: dict) -> dict:
         result["saelens_codes_max_abs_diff"] = float((codes - ref).abs().max())
         result["saelens_codes_rel_diff"] = float((codes - ref).norm() / ref.norm().clamp_min(1e-12))
         result["saelens_same_active_latents"] = bool(((codes > 0) == (ref > 0)).all())
+        differ_N = ((codes > 0) != (ref > 0)).any(1)
+        result["saelens_tokens_checked"], result["saelens_tokens_differing"] = len(ref), int(differ_N.sum())
+        if "codes_check_margin" in data:  # a flipped selection is a tie when fcsae's margin is within fp32 rounding
+            at_tie_N = data["codes_check_margin"] <= data["codes_check_tie_tol"]
+            result["saelens_differing_at_ties_only"] = bool(at_tie_N[differ_N].all())
     replay = None
     if job["mode"] == "replay":
         from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
