@@ -145,7 +145,8 @@ def _comparison(ctx: Context) -> list[Block]:
         return [Block("h2", "Baseline vs split criteria"), Block("p", "No ok trials with a split criterion and metrics.")]
     text = ("Means over seeds (each seed's trials averaged first), std across seeds; Δ is the difference from "
             f"`{rt.BASELINE}` with the standard error of that difference. Other searched parameters are pooled, "
-            "so a difference can also come from how they were sampled per criterion.")
+            "so a difference can also come from how they were sampled per criterion. With several architectures, "
+            "criteria are compared within each architecture that has more than one, against its own baseline.")
     return [Block("h2", "Baseline vs split criteria"), Block("p", text + _absorption_validity(ctx.ok)),
             Block("table", cmp, "Per criterion"),
             Block("bullets", rt.comparison_sentences(cmp, metrics[0]), f"Reading on `{metrics[0]}`")]
@@ -172,7 +173,11 @@ def _architectures(ctx: Context) -> list[Block]:
     text = (f"Architectures (`sae.activation`) compared at matched measured L0: trials grouped into bins of "
             f"{rt.L0_BIN} active latents of `{rt.L0}` (the inference code's L0, not the nominal k), then per "
             "criterion; means over seeds, std across seeds.")
-    return [Block("h2", "Architectures at matched L0"), Block("p", text), Block("table", table, "Per L0 bin, architecture and criterion")]
+    blocks = [Block("h2", "Architectures at matched L0"), Block("p", text), Block("table", table, "Per L0 bin, architecture and criterion")]
+    lines = rt.architecture_sentences(table, metrics[0])
+    if lines:
+        blocks.append(Block("bullets", lines, f"Reading on `{metrics[0]}` (each architecture's `{rt.BASELINE}` vs topk's)"))
+    return blocks
 
 
 def _pareto(ctx: Context) -> list[Block]:

@@ -93,9 +93,21 @@ def criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
 
     The SE of the difference is sqrt(se_c^2 + se_none^2), with se = std / sqrt(seeds).
     Long format (one row per criterion and metric) so the table stays readable.
+    With several architectures (``sae.activation``) criteria are compared within each architecture that has more
+    than one, against that architecture's own baseline (an ``architecture`` column first): pooling them would make
+    the baseline a mix of architectures.
     """
     if CRITERION not in ok.columns or ok.height == 0:
         return pl.DataFrame()
+    if ACTIVATION in ok.columns and ok[ACTIVATION].n_unique() > 1:
+        parts = [_criterion_comparison(g, metrics).select(pl.lit(act).alias("architecture"), pl.all())
+                 for (act,), g in ok.group_by(ACTIVATION, maintain_order=True) if g[CRITERION].n_unique() > 1]
+        parts = [p for p in parts if p.height]
+        return pl.concat(parts) if parts else pl.DataFrame()
+    return _criterion_comparison(ok, metrics)
+
+
+def _criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     parts = []
     for m in metrics:
         if not metric_present(ok, m):
@@ -146,7 +158,11 @@ def architecture_comparison(ok: pl.DataFrame, metrics: list[str], l0_bin: float 
 
 
 def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
-    """Plain-words reading of each criterion against the baseline on ``metric``, with its uncertainty."""
+    """Plain-words reading of each criterion against the baseline on ``metric``, with its uncertainty
+    (per architecture when ``cmp`` has an ``architecture`` column)."""
+    if "architecture" in cmp.columns:
+        return [f"{act}: {line}" for (act,), g in cmp.group_by("architecture", maintain_order=True)
+                for line in comparison_sentences(g.drop("architecture"), metric)]
     dcol = f"Δ vs {BASELINE}"
     rows = cmp.filter(pl.col("metric") == metric) if cmp.height else cmp
     if rows.height == 0 or BASELINE not in rows["criterion"].to_list():
@@ -166,6 +182,36 @@ def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
         se_txt = f"{se:.2g}" if se is not None and math.isfinite(se) else "?"
         out.append(f"`{r['criterion']}`: {r['mean']:.4g} vs `{BASELINE}` {base['mean']:.4g} "
                    f"(Δ = {d:+.4g} ± {se_txt} SE; {r['n_seeds']} vs {base['n_seeds']} seeds) — {verdict}.")
+    return out
+
+
+def architecture_sentences(table: pl.DataFrame, metric: str, base_arch: str = "topk") -> list[str]:
+    """Each architecture's ``none`` cell against ``base_arch``'s ``none`` in the same L0 bin, on ``metric``
+    (an ``architecture_comparison`` table): difference, its SE from the seeds' std, and whether it exceeds 2 SE."""
+    if table.height == 0 or metric not in table.columns:
+        return []
+    out = []
+    cells = table.filter(pl.col("criterion") == BASELINE)
+    for (l0,), g in cells.group_by("L0 bin", maintain_order=True):
+        base = g.filter(pl.col("architecture") == base_arch)
+        if base.height == 0:
+            continue
+        b = base.row(0, named=True)
+        for r in g.filter(pl.col("architecture") != base_arch).iter_rows(named=True):
+            if r[metric] is None or b[metric] is None:
+                continue
+            d = r[metric] - b[metric]
+            ses = [r.get(f"{metric} std"), b.get(f"{metric} std")]
+            if r["n_seeds"] < 2 or b["n_seeds"] < 2 or any(v is None or not math.isfinite(v) for v in ses):
+                verdict = "uncertainty unknown (fewer than 2 seeds on a side)"
+                se_txt = "?"
+            else:
+                se = math.sqrt(ses[0] ** 2 / r["n_seeds"] + ses[1] ** 2 / b["n_seeds"])
+                se_txt = f"{se:.2g}"
+                verdict = ("no measurable difference at this number of seeds" if se == 0 or abs(d) < 2 * se
+                           else f"{abs(d) / se:.1f} SE {'lower' if d < 0 else 'higher'} than {base_arch}")
+            out.append(f"L0 ~{l0:g}: `{r['architecture']}` {r[metric]:.4g} vs `{base_arch}` {b[metric]:.4g} "
+                       f"(Δ = {d:+.4g} ± {se_txt} SE; {r['n_seeds']} vs {b['n_seeds']} seeds) — {verdict}.")
     return out
 
 

@@ -93,6 +93,29 @@ def test_architectures_compared_at_matched_measured_l0():
     assert rt.architecture_comparison(pl.DataFrame(rows).filter(pl.col("sae.activation") == "topk"), [rt.ABSORPTION]).height == 0
 
 
+def test_architecture_sentences_against_topk_none_with_seed_se():
+    rows = []
+    for arch, vals in (("topk", (0.50, 0.52, 0.54)), ("matryoshka", (0.20, 0.22, 0.24)), ("batchtopk", (0.49, 0.53, 0.55))):
+        for seed, v in enumerate(vals):
+            rows.append({"trial_id": f"{arch}{seed}", "sae.activation": arch, rt.CRITERION: "none", rt.SEED: seed,
+                         rt.L0: 32.0, rt.ABSORPTION: v})
+    rows.append({"trial_id": "fc0", "sae.activation": "topk", rt.CRITERION: "fc", rt.SEED: 0, rt.L0: 32.0,
+                 rt.ABSORPTION: 0.1})
+    df = pl.DataFrame(rows)
+    lines = rt.architecture_sentences(rt.architecture_comparison(df, [rt.ABSORPTION]), rt.ABSORPTION)
+    assert len(lines) == 2  # batchtopk and matryoshka vs topk none; the fc cell is not an architecture's baseline
+    mat = next(line for line in lines if "`matryoshka`" in line)
+    se = math.sqrt(2 * 0.02 ** 2 / 3)  # std 0.02 on both sides, 3 seeds each
+    assert f"Δ = -0.3 ± {se:.2g} SE" in mat and "SE lower than topk" in mat
+    assert "no measurable difference" in next(line for line in lines if "`batchtopk`" in line)
+    # The criteria are compared within topk only: batchtopk/matryoshka 'none' must not enter topk's baseline.
+    cmp = rt.criterion_comparison(df, [rt.ABSORPTION])
+    assert cmp["architecture"].unique().to_list() == ["topk"]
+    base = cmp.filter(pl.col("criterion") == "none").row(0, named=True)
+    assert base["mean"] == pytest.approx(0.52) and base["n_seeds"] == 3
+    assert rt.comparison_sentences(cmp, rt.ABSORPTION)[0].startswith("topk: `fc`")
+
+
 def test_quartile_bins_hand_checked():
     df = pl.DataFrame({"p": [1.0, 2, 3, 4, 5, 6, 7, 8]})
     b = rt.with_bins(df, "p")
