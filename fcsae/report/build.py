@@ -138,6 +138,37 @@ def _best(ctx: Context) -> list[Block]:
     return blocks
 
 
+def _grid_names(sweep: dict | None) -> list[str]:
+    """The grid's fields as the sweep's space (sweep.json) names them: the arms' fields, then ``search`` entries with
+    ``grid: true``; randomly searched fields are no arm (every trial would be its own)."""
+    space = (sweep or {}).get("space") or {}
+    arms = space.get("arms") or {}
+    names = list(next(iter(arms.values()))) if isinstance(arms, dict) and arms else []
+    search = space.get("search") or {}
+    names += [n for n, spec in search.items() if isinstance(search, dict) and isinstance(spec, dict) and spec.get("grid") is True]
+    return names
+
+
+def _arms(ctx: Context) -> list[Block]:
+    """One row per arm (the grid's combinations other than the seed): the sweep's end-of-run summary, with its verdict."""
+    from fcsae.report import summary as sm
+
+    if ctx.tables.trials.height == 0 or sm.ABSORPTION not in ctx.tables.trials.columns:
+        return []
+    keys = sm.arm_keys(_grid_names(ctx.sweep), ctx.tables.trials)
+    frame = sm.summary_frame(ctx.tables.trials, keys)
+    metrics = [m for m in sm.COLUMNS if m in frame.columns]
+    table = frame.select(*keys, "n", "failed", pl.col("absorption").alias("absorption mean"), pl.col("sd").alias("absorption sd"),
+                         pl.col("lo").alias("95% lo"), pl.col("hi").alias("95% hi"), pl.col("interval").alias("interval from"),
+                         *[pl.col(m).alias(sm.COLUMNS[m][0]) for m in metrics])
+    key = "; ".join(f"{sm.COLUMNS[m][0]}: {sm.COLUMNS[m][1]}" for m in metrics)
+    return [Block("h2", "Per arm"),
+            Block("p", "One row per arm (the grid's combinations other than the seed), means over its ok trials; the 95% "
+                       "interval is a t interval over the arm's trials (`trials`), or one trial's bootstrap over words "
+                       f"(`words`). {key}."),
+            Block("table", table, "Per arm"), Block("p", sm.verdict(frame, keys))]
+
+
 def _comparison(ctx: Context) -> list[Block]:
     metrics = [m for m in (rt.ABSORPTION, "absorption.mean_full_absorption", rt.EV, rt.L0) if rt.metric_present(ctx.ok, m)]
     cmp = rt.criterion_comparison(ctx.ok, metrics)
@@ -286,7 +317,7 @@ def _fc_patterns(ctx: Context) -> list[Block]:
 
 
 SECTIONS: list[tuple[str, Callable[[Context], list[Block]]]] = [
-    ("status", _status), ("best trials", _best), ("criteria comparison", _comparison),
+    ("status", _status), ("per arm", _arms), ("best trials", _best), ("criteria comparison", _comparison),
     ("architectures", _architectures), ("Pareto fronts", _pareto),
     ("parameter effects", _effects), ("per-letter absorption", _letters), ("split events", _events),
     ("frequency-consistency patterns", _fc_patterns),

@@ -26,6 +26,8 @@ COLUMNS = {  # result column -> (header, how to read it)
     "core.explained_variance": ("EV", "explained variance, higher is better"),
     "core.ce_loss_score": ("CE score", "1 = splicing the SAE in costs no LM loss, higher is better"),
     "core.l0": ("L0", "active latents per token"),
+    "absorption.letters_with_latent": ("letters", "letters with a latent: the best single latent alone detects the "
+                                                  "letter (k=1 sparse-probe F1 > 0.6); 0 = the absorption score is degenerate"),
     "n_split_events": ("splits", "latents split during training"),
     "n_resample_events": ("resamples", "dead latents re-initialised during training"),
 }
@@ -71,6 +73,8 @@ def summary_frame(trials: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
         lo = ok[LO].to_list() if LO in ok.columns else []
         hi = ok[HI].to_list() if HI in ok.columns else []
         row["absorption"] = sum(vals) / len(vals) if vals else None
+        row["sd"] = (math.sqrt(sum((v - row["absorption"]) ** 2 for v in vals) / (len(vals) - 1))
+                     if len(vals) >= 2 else None)
         row["lo"], row["hi"], row["interval"] = _interval(vals, lo, hi)
         row["meaningful"] = bool(ok[MEANINGFUL].drop_nulls().all()) if MEANINGFUL in ok.columns and ok[MEANINGFUL].drop_nulls().len() else None
         for m in metrics:
@@ -97,12 +101,13 @@ def _num(v, digits: int = 4) -> str:
 def format_summary(frame: pl.DataFrame, keys: list[str]) -> str:
     """The summary as an aligned text table with a key under it."""
     metrics = [c for c in COLUMNS if c in frame.columns]
-    head = [k.split(".")[-1] for k in keys] + ["n", "absorption [95% interval]"] + [COLUMNS[m][0] for m in metrics]
+    head = [k.split(".")[-1] for k in keys] + ["n", "absorption [95% interval]", "sd"] + [COLUMNS[m][0] for m in metrics]
     body = []
     for r in frame.iter_rows(named=True):
         interval = f" [{_num(r['lo'], 3)}, {_num(r['hi'], 3)}]" if r["lo"] is not None else " [no interval]"
         cells = [_num(r[k]) for k in keys] + [f"{r['n']}" + (f" (+{r['failed']} failed)" if r["failed"] else ""),
-                                              (_num(r["absorption"]) + interval) if r["absorption"] is not None else "-"]
+                                              (_num(r["absorption"]) + interval) if r["absorption"] is not None else "-",
+                                              _num(r["sd"], 2)]
         body.append(cells + [_num(r[m]) for m in metrics])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -110,7 +115,7 @@ def format_summary(frame: pl.DataFrame, keys: list[str]) -> str:
     how = {"trials": "t interval over the arm's trials", "words": "bootstrap over words of the one trial (not seeds)",
            "none": "none with one trial"}
     key = ["absorption: mean absorption fraction of the first-letter eval, lower is better; interval: "
-           + "; ".join(how[k] for k in ("trials", "words", "none") if k in kinds)]
+           + "; ".join(how[k] for k in ("trials", "words", "none") if k in kinds) + "; sd: across the arm's trials"]
     key += [f"{COLUMNS[m][0]}: {COLUMNS[m][1]}" for m in metrics]
     return "\n".join([line(head), *(line(b) for b in body), "", *key])
 
@@ -127,7 +132,10 @@ def verdict(frame: pl.DataFrame, keys: list[str]) -> str:
         return ("Verdict: one trial per arm and no interval, so the differences above cannot be told from noise; "
                 "do not rank the arms on this run (add seeds: trainer.seed to the grid)." + caveat)
     names = [" ".join(str(r[k]) for k in keys) for r in d.iter_rows(named=True)]
-    base_i = next((i for i, r in enumerate(d.iter_rows(named=True)) if r.get(keys[0]) == BASELINE), 0)
+    # The baseline: the `none` criterion (of the topk architecture when arms differ in architecture too).
+    base_i = next((i for i, r in enumerate(d.iter_rows(named=True))
+                   if r.get(CRITERION, r.get(keys[0])) == BASELINE and r.get("sae.activation", "topk") == "topk"),
+                  next((i for i, r in enumerate(d.iter_rows(named=True)) if r.get(CRITERION, r.get(keys[0])) == BASELINE), 0))
     lo, hi, mean = d["lo"].to_list(), d["hi"].to_list(), d["absorption"].to_list()
     parts = []
     for i in range(d.height):

@@ -202,11 +202,15 @@ def test_full_report_builds(sweep, capsys):
     assert report_main([str(sweep)]) == 0
     assert "report: " in capsys.readouterr().out
     md = (out / "report.md").read_text()
-    for heading in ("## Status", "## Best trials per objective", "## Baseline vs split criteria", "## Pareto fronts",
+    for heading in ("## Status", "## Per arm", "## Best trials per objective", "## Baseline vs split criteria", "## Pareto fronts",
                     "## Effect of each searched parameter", "## Per-letter absorption", "## Split events over training"):
         assert heading in md
     assert "PARTIAL" not in md and "## Problems" not in md
     assert "19 (18 ok, 1 failed, 0 pruned) of 19 asked for" in md
+    arms = md.split("## Per arm")[1].split("\n## ")[0]
+    # No grid in this sweep's space (random search only): the arms are the split criteria.
+    assert "| split.criterion | n | failed | absorption mean | absorption sd | 95% lo | 95% hi |" in arms and "Verdict" in arms
+    assert "tracker.ema_alpha" not in arms
     names = {p.name for p in (out / "figures").glob("*.png")}
     assert {"pareto_absorption_ev.png", "pareto_absorption_l0.png", "effect_split_criterion.png",
             "effect_sae_dict_size.png", "effect_tracker_ema_alpha.png", "letters_absorption.png", "split_events.png"} <= names

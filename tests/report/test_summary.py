@@ -38,6 +38,7 @@ def test_seed_spread_interval_matches_a_t_interval_and_respects_zero():
     assert none["lo"] == 0.0 < mean - half + 1  # mean - half is negative here: clipped at 0, the range of a fraction
     assert mean - half < 0
     assert none["n"] == 3 and none["interval"] == "trials"
+    assert math.isclose(none["sd"], sd)
 
 
 def test_one_trial_per_arm_says_noise_and_never_ranks():
@@ -50,6 +51,7 @@ def test_one_trial_per_arm_says_noise_and_never_ranks():
     assert "[no interval]" in text and "lower is better" in text
     assert "resamples" not in text  # no arm resampled: the column says nothing
     assert "32 " in text and "32.0000" not in text
+    assert all(r["sd"] is None for r in f.iter_rows(named=True))  # one trial: no spread
 
 
 def test_word_bootstrap_intervals_give_a_verdict_per_arm():
@@ -89,3 +91,15 @@ def test_next_commands_are_relative_to_the_current_directory(tmp_path, monkeypat
     (tmp_path / "experiments" / "quickstart").mkdir(parents=True)
     cmds = next_commands(Path("experiments/quickstart").resolve(), ".venv/bin/")
     assert cmds[0].startswith(".venv/bin/fcsae-report experiments/quickstart ")
+
+
+def test_verdict_baseline_is_topk_none_when_arms_span_architectures():
+    keys = ["sae.activation", "split.criterion"]
+    rows = []
+    for arch, crit, vals in (("matryoshka", "none", [0.20, 0.21, 0.22]), ("topk", "none", [0.50, 0.51, 0.52]),
+                             ("topk", "fc", [0.49, 0.50, 0.53])):
+        for seed, v in enumerate(vals):
+            rows.append({"trial_id": f"{arch}{crit}{seed}", "status": "ok", "sae.activation": arch, "split.criterion": crit,
+                         "trainer.seed": seed, "absorption.mean_absorption_fraction": v})
+    v = verdict(summary_frame(pl.DataFrame(rows), keys), keys)
+    assert "matryoshka none lower than topk none" in v and "topk fc within noise of topk none" in v
