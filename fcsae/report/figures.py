@@ -185,7 +185,8 @@ def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction"
             lo, hi = sub["min"].to_numpy(), sub["max"].to_numpy()
             n = int(sub["n_trials"].max())
             counts.append(n)
-            yerr = np.vstack([mean - lo, hi - mean]) if n > 1 else None
+            # Clipped at 0: equal values can average a rounding below their minimum.
+            yerr = np.clip(np.vstack([mean - lo, hi - mean]), 0.0, None) if n > 1 else None
             ax.errorbar(xs, mean, yerr=yerr, fmt=marker_for(g, j), color=colour_for(g, j), markersize=5, capsize=2,
                         elinewidth=0.9, linestyle="none", label=f"{g} (n={n})")
         ax.set_xticks(range(len(row)), row)
@@ -194,8 +195,12 @@ def letters_figure(stats: pl.DataFrame, metric: str = "mean_absorption_fraction"
         ax.set_ylabel(axis_label(metric).replace(" (", "\n("))
         ax.grid(alpha=0.3, axis="y")
     top = float(stats["max"].max() or 0.0) if stats.height else 0.0
-    axes[0, 0].set_ylim(0, top * 1.35 if top > 0 else 1.0)  # shared y; headroom for the legend, a fraction starts at 0
-    axes[0, 0].legend(fontsize=8, title="split criterion (trials)", title_fontsize=8, ncol=max(1, len(groups)),
+    ncol = max(1, min(3, len(groups)))  # more columns than 3 run off the figure's width
+    legend_rows = -(-len(groups) // ncol)
+    # shared y; headroom for the legend's rows, a fraction starts at 0
+    axes[0, 0].set_ylim(0, top * (1.2 + 0.15 * legend_rows) if top > 0 else 1.0)
+    title = "arm (trials)" if any(" " in str(g) for g in groups) else "split criterion (trials)"
+    axes[0, 0].legend(fontsize=8, title=title, title_fontsize=8, ncol=ncol,
                       loc="upper right")
     note = coincident_note(stats, CRITERION, ["letter", "mean"], overlap=False)  # dodged: both visible
     fig.suptitle(f"Per-letter absorption: markers = mean across trials; {_n_note(counts, 'trial')}{note}",

@@ -228,6 +228,8 @@ def letter_stats(ok: pl.DataFrame, letters: pl.DataFrame, metric: str = "mean_ab
     if letters.height == 0 or metric not in letters.columns:
         return pl.DataFrame()
     keys = ["trial_id", CRITERION] if CRITERION in ok.columns else ["trial_id"]
+    if CRITERION in ok.columns:
+        ok = ok.with_columns(arm_label(ok).alias(CRITERION))
     j = letters.join(ok.select(keys), on="trial_id", how="inner").filter(
         pl.col(metric).is_not_null() & pl.col(metric).is_not_nan())
     if CRITERION not in j.columns:
@@ -236,6 +238,17 @@ def letter_stats(ok: pl.DataFrame, letters: pl.DataFrame, metric: str = "mean_ab
         pl.len().alias("n_trials"), pl.col(metric).mean().alias("mean"), pl.col(metric).std(ddof=1).alias("std"),
         pl.col(metric).min().alias("min"), pl.col(metric).max().alias("max"),
     ).sort(CRITERION, "letter")
+
+
+def arm_label(ok: pl.DataFrame) -> pl.Expr:
+    """The split criterion, prefixed by the architecture when trials span several (``batchtopk none``; topk's, or
+    else the first architecture's, keep the bare criterion), so architectures are never pooled under one name."""
+    if ACTIVATION not in ok.columns or ok[ACTIVATION].n_unique() < 2:
+        return pl.col(CRITERION)
+    acts = ok[ACTIVATION].unique(maintain_order=True).to_list()
+    base = "topk" if "topk" in acts else acts[0]
+    return pl.when(pl.col(ACTIVATION) == base).then(pl.col(CRITERION)).otherwise(
+        pl.concat_str([pl.col(ACTIVATION), pl.col(CRITERION)], separator=" "))
 
 
 def letters_wide(stats: pl.DataFrame) -> pl.DataFrame:

@@ -116,6 +116,16 @@ def test_architecture_sentences_against_topk_none_with_seed_se():
     assert rt.comparison_sentences(cmp, rt.ABSORPTION)[0].startswith("topk: `fc`")
 
 
+def test_letter_stats_keep_architectures_apart(tmp_path):
+    ok = pl.DataFrame({"trial_id": ["t0", "t1", "m0", "m1"], "sae.activation": ["topk", "topk", "matryoshka", "matryoshka"],
+                       rt.CRITERION: ["none"] * 4})
+    letters = pl.DataFrame({"trial_id": ["t0", "t1", "m0", "m1"], "letter": ["a"] * 4,
+                            "mean_absorption_fraction": [0.5, 0.5, 0.9, 0.7]})
+    stats = rt.letter_stats(ok, letters)
+    assert dict(zip(stats[rt.CRITERION], stats["mean"])) == pytest.approx({"none": 0.5, "matryoshka none": 0.8})
+    assert save_png(figs.letters_figure(stats), tmp_path / "l.png").is_file()
+
+
 def test_quartile_bins_hand_checked():
     df = pl.DataFrame({"p": [1.0, 2, 3, 4, 5, 6, 7, 8]})
     b = rt.with_bins(df, "p")
