@@ -146,8 +146,15 @@ def write_figure(rows: list[dict], path: Path) -> None:
             title="First-letter latents")
     ax2.set(xscale="log", xlabel="training tokens", ylabel="mean absorption fraction (95% bootstrap)", ylim=(0, None),
             title="SAEBench-faithful absorption")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ticks = sorted({r["train_tokens"] for r in rows})
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
+        # Label the budgets that were run (log-scale minor labels collide, e.g. 3e5 and 4e5).
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     save_png(fig, path)
 
 
