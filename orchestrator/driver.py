@@ -18,7 +18,7 @@ Experiment layout (all absolute; ``root`` may be a pyarrow filesystem URI, see
     <exp>/prepared.json    what the runner's prepare returned (cache path, d_in, norm scale)
     <exp>/results/         one Parquet row per trial (+ per_letter/)
     <exp>/trials/<id>/     SAE, event log, checkpoint of each trial
-    <exp>/ray/             Ray Tune's experiment state (searcher and trial states)
+    <exp>/ray/             Ray Tune's experiment state (searcher and trial states) + fcsae's copy (ray_state)
     <exp>/ray_pids.json    processes of the local Ray cluster this driver started
 """
 
@@ -42,6 +42,7 @@ import fcsae
 from fcsae import storage
 from fcsae.errors import FcsaeInputError
 from orchestrator import experiment, ray_procs
+from orchestrator.ray_state import StateSnapshot, mend as mend_ray_state, trial_states as ray_trial_states
 from orchestrator.ray_procs import stop_recorded as stop_recorded_ray
 from orchestrator.space import SweepSpec, suggest
 from orchestrator.trainable import KEEP_CHECKPOINTS, ExperimentPaths, load_runner, record_missing_row, run_trial
@@ -316,19 +317,6 @@ def _trainable(spec: SweepSpec, shared: dict, root: Path, sweep_id: str, fail_fa
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def ray_trial_states(ray_dir: Path) -> dict[str, str]:
-    """trial_id -> Ray status (TERMINATED, ERROR, RUNNING ...) in the newest saved Tune experiment state."""
-    files = sorted(storage.location(ray_dir).glob("experiment_state-*.json"), key=str)
-    if not files:
-        return {}
-    state = json.loads(files[-1].read_text())
-    out = {}
-    for trial_json, _meta in state.get("trial_data", []):
-        trial = json.loads(trial_json)
-        out[trial["trial_id"]] = trial["status"]
-    return out
-
-
 def _resume_config(paths: ExperimentPaths):
     """Resume unfinished and errored trials; also finished ones when some lack a row (deleted or never written).
 
@@ -377,6 +365,8 @@ def build_tuner(spec: SweepSpec, root: Path, sweep_id: str, shared: dict, resumi
     # Our own live view replaces Tune's; the legacy output path honours verbose=0 completely.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ray_path, ray_fs = _ray_storage(paths.ray)
+    if resuming:
+        mend_ray_state(paths.ray)
     if resuming and tune.Tuner.can_restore(ray_path, storage_filesystem=ray_fs):
         log.info("restoring Ray Tune state from %s", paths.ray)
         return tune.Tuner.restore(ray_path, trainable=trainable, _resume_config=_resume_config(paths),
@@ -477,7 +467,8 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
     try:
         check_cluster_resources(spec)
         tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast, max_failures,
-                            callbacks=[_tune_callback(_RowKeeper(spec, root, sweep_id)), progress])
+                            callbacks=[_tune_callback(_RowKeeper(spec, root, sweep_id)), progress,
+                                       StateSnapshot(paths.ray)])
         tuner.fit()
         rows = set(reader.finished_trials(paths.results))
         experiment.remove_abandoned(root, known=set(ray_trial_states(paths.ray)), with_rows=rows)

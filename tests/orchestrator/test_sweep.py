@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from fcsae.errors import FcsaeInputError
-from orchestrator import driver, space
+from orchestrator import driver, ray_state, space
 from results_schema import reader, schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,10 +276,14 @@ def test_a_trial_killed_between_its_work_and_its_row_is_re_run_once(tmp_path):
     _wait_for(lambda: len(_lines(exp / "fake_completions.log")) >= 1, 240, proc)
     done_at_kill, rows_before = _kill(proc, exp)
     assert len(done_at_kill) == 1 and not rows_before
+    # and the kill landed while Ray copied its state into ray/ (it failed CI once): the file is empty
+    (state,) = ray_state.state_files(exp / "ray")
+    state.write_text("")
     (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.05}))
     resumed = _driver(space_file, exp, "--resume")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
+    assert "torn" in out and (exp / "ray" / (state.name + ".torn")).exists()
     df = reader.scan_results(exp / "results").collect()
     assert df.height == 2 and set(df["status"]) == {"ok"}
     assert _lines(exp / "fake_completions.log").count(done_at_kill[0]) == 2  # re-run once, one row
