@@ -149,24 +149,26 @@ class _Layout:
             self._real = mask_BN.reshape(-1).nonzero().squeeze(1)
         return self._real
 
+    def flat(self, *per_pair_BN: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor shaped like ``idx_BN`` (``idx_BN`` itself first), flattened to its real pairs in batch order."""
+        real = self.real()
+        flats = (self.idx_BN.reshape(-1),) + tuple(t.reshape(-1) for t in per_pair_BN)
+        return flats if real is None else tuple(t[real] for t in flats)
+
     def bag(self, W_RD: torch.Tensor, w_BN: torch.Tensor) -> torch.Tensor:
         """``out[b] = sum over the real pairs n of row b of w[b, n] * W[idx[b, n]]`` (an ``embedding_bag``)."""
-        real = self.real()
-        if real is None:
+        if self.counts_B is None:
             return F.embedding_bag(self.idx_BN, W_RD, per_sample_weights=w_BN, mode="sum")
         offsets_B = torch.zeros_like(self.counts_B)
         torch.cumsum(self.counts_B[:-1], 0, out=offsets_B[1:])
-        return F.embedding_bag(self.idx_BN.reshape(-1)[real], W_RD, offsets_B,
-                               per_sample_weights=w_BN.reshape(-1)[real], mode="sum")
+        idx_N, w_N = self.flat(w_BN)
+        return F.embedding_bag(idx_N, W_RD, offsets_B, per_sample_weights=w_N, mode="sum")
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(order, crow, col)``: flat pair positions in latent order, CSR row pointers over latents, each pair's token."""
         if self._sorted is None:
             N = self.idx_BN.shape[1]
-            flat = self.idx_BN.reshape(-1)
-            real = self.real()
-            if real is not None:
-                flat = flat[real]
+            (flat,), real = self.flat(), self.real()
             keys = flat.int() if self.n_rows < 2 ** 31 else flat  # int32 keys sort faster
             order = torch.sort(keys, stable=True).indices
             if real is not None:
@@ -305,9 +307,7 @@ class _TopKEncode(torch.autograd.Function):
         if need_b or need_bdec:
             grad_b = xc_BD.new_zeros(n_lat)
             for lay, g in parts:
-                real = lay.real()
-                idx, gf = lay.idx_BN.reshape(-1), g.reshape(-1)
-                grad_b.index_add_(0, idx if real is None else idx[real], gf if real is None else gf[real])
+                grad_b.index_add_(0, *lay.flat(g))
         if need_W:
             grad_W = ctx.ws.take("grad.W_enc", tuple(W_encT_FD.shape), W_encT_FD.dtype, W_encT_FD.device)
             main.scatter(g_vals_BK, xc_BD, out_RD=grad_W, accumulate=False)
@@ -433,11 +433,8 @@ class _PrefixDecode(torch.autograd.Function):
         ctx.save_for_backward(acts_BN, W_dec_FD)
         idx_BN = layout.idx_BN
         B, L = idx_BN.shape[0], len(widths)
-        idx_N, acts_N = idx_BN.reshape(-1), acts_BN.reshape(-1)
-        tok_N = torch.arange(B, device=idx_BN.device).repeat_interleave(idx_BN.shape[1])
-        real = layout.real()
-        if real is not None:
-            idx_N, acts_N, tok_N = idx_N[real], acts_N[real], tok_N[real]
+        tok_BN = torch.arange(B, device=idx_BN.device)[:, None].expand_as(idx_BN)
+        idx_N, acts_N, tok_N = layout.flat(acts_BN, tok_BN)
         bounds = torch.tensor(widths[:-1], dtype=idx_BN.dtype, device=idx_BN.device)
         bag_N = torch.bucketize(idx_N, bounds, right=True) + L * tok_N
         order = torch.argsort(bag_N, stable=True)

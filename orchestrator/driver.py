@@ -5,15 +5,16 @@ experiment dir or cluster address (nothing written yet) -> take the
 experiment's lock -> set up or check the experiment directory -> one warning
 line when the trials left are not a multiple of ``max_concurrent`` (the last
 round leaves slots idle) -> the runner's
-``prepare`` once in this process (activation cache, eval caches) -> start or
-join Ray (+ the watchdog that stops a local Ray if this driver is killed) ->
+``prepare`` once, in a thread of this process (activation cache, eval caches),
+while Ray starts or is joined (+ the watchdog that stops a local Ray if this
+driver is killed) ->
 ``Tuner.fit`` (or ``Tuner.restore(...).fit``) -> remove what abandoned trials
 left -> count the finished trials from the Parquet rows -> ``ray.shutdown``.
 
 Experiment layout (all absolute; ``root`` may be a pyarrow filesystem URI, see
 ``fcsae.storage`` and ``orchestrator.experiment``)::
 
-    <exp>/sweep.json       marker: format, sweep id, the space as given, creation time
+    <exp>/sweep.json       marker: format, sweep id, the space as given, its grid's fields, creation time
     <exp>/.fcsae.lock      the driver's flock (its pid inside)
     <exp>/prepared.json    what the runner's prepare returned (cache path, d_in, norm scale)
     <exp>/results/         one Parquet row per trial (+ per_letter/)
@@ -32,6 +33,8 @@ import os
 import re
 import socket
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import NamedTuple
@@ -121,7 +124,8 @@ def setup_experiment(spec: SweepSpec, root: Path, mode: str) -> tuple[str, bool]
     experiment.prepare_root(root)
     sweep_id = f"{spec.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     storage.write_json(ExperimentPaths(root).sweep_file, {"format": experiment.FORMAT, "sweep_id": sweep_id, "name": spec.name,
-                                                  "space": spec.raw, "fcsae_version": fcsae.__version__,
+                                                  "space": spec.raw, "grid_names": spec.grid_names,
+                                                  "fcsae_version": fcsae.__version__,
                                                   "created": dt.datetime.now(dt.timezone.utc).isoformat()})
     return sweep_id, False
 
@@ -433,23 +437,25 @@ def run_sweep(spec: SweepSpec, root: Path, mode: str = "new", address: str | Non
         tail = idle_tail(spec.num_samples - n_before, spec.max_concurrent)
         if tail:
             log.warning(tail)
+        def prepare():
+            return {**prepare_shared(spec, root), KEEP_CHECKPOINTS: keep_checkpoints}
+
         try:
-            shared = {**prepare_shared(spec, root), KEEP_CHECKPOINTS: keep_checkpoints}
-        except FcsaeInputError:
+            _fit(spec, root, sweep_id, prepare, resuming, address, num_cpus, fail_fast, live, max_failures, lock)
+        except PrepareFailed as e:
             if not resuming:  # a new experiment that could not even prepare: leave nothing behind
                 experiment.wipe(root)
                 if created:
                     storage.rmtree(root)
                     storage.rmtree(experiment.control_dir(root))
-            raise
-        _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, live, max_failures, lock)
+            raise e.error from None
     counts = count_rows(root, spec.num_samples)
     n_rows = counts["ok"] + counts["failed"] + counts["pruned"]
     return SweepOutcome(root, sweep_id, counts, n_rows >= spec.num_samples)
 
 
-def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, live, max_failures, lock) -> None:
-    """Start or join Ray, run the Tuner, then remove what abandoned trials left; Ray is stopped whatever happens."""
+def _fit(spec, root, sweep_id, prepare, resuming, address, num_cpus, fail_fast, live, max_failures, lock) -> None:
+    """Prepare while Ray starts, run the Tuner, then remove what abandoned trials left; Ray is stopped whatever happens."""
     import ray
 
     from orchestrator.progress import SweepProgress
@@ -462,9 +468,10 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
     # The watchdog starts before ray.init: a driver killed in the middle of it must not leak a half-started Ray.
     local = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     watchdog = ray_procs.Watchdog(control, lock.fileno()) if local else None
-    started = start_ray(address, num_cpus, root)
-    progress = SweepProgress(spec, before, live=live)
+    started, progress = False, None
     try:
+        shared, started = prepare_while_ray_starts(prepare, address, num_cpus, root)
+        progress = SweepProgress(spec, before, live=live)
         check_cluster_resources(spec)
         tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast, max_failures,
                             callbacks=[_tune_callback(_RowKeeper(spec, root, sweep_id)), progress,
@@ -473,12 +480,55 @@ def _fit(spec, root, sweep_id, shared, resuming, address, num_cpus, fail_fast, l
         rows = set(reader.finished_trials(paths.results))
         experiment.remove_abandoned(root, known=set(ray_trial_states(paths.ray)), with_rows=rows)
     finally:
-        progress.stop()
+        if progress is not None:
+            progress.stop()
         if watchdog is not None:
             watchdog.done()
-        if started:
+        if started or (local and ray.is_initialized()):
             ray.shutdown()
             (control / ray_procs.PIDS_FILE).unlink(missing_ok=True)
+
+
+class PrepareFailed(Exception):
+    """The runner's ``prepare`` refused its input (``error``, an FcsaeInputError); Ray has been stopped."""
+
+    def __init__(self, error: FcsaeInputError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def prepare_while_ray_starts(prepare, address, num_cpus, root) -> tuple[dict, bool]:
+    """``prepare()`` in a thread while Ray starts here; returns (what prepare returned, whether we started Ray).
+
+    Ray's start (9-25 s on 2 cores) and prepare (loading the model, harvesting on a cold cache) do not depend
+    on each other. ``ray.init`` stays in the main thread, where it installs its SIGTERM handler; the thread
+    is a daemon, so a Ctrl-C here does not wait for a harvest (which writes to temporary names). Raises
+    ``PrepareFailed`` for an FcsaeInputError from prepare, anything else prepare raised as it is.
+    """
+    box: dict = {}
+
+    def work():
+        t0 = time.perf_counter()
+        try:
+            box["shared"] = prepare()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+        box["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work, name="fcsae-prepare", daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    started = start_ray(address, num_cpus, root)
+    ray_s = time.perf_counter() - t0
+    while thread.is_alive():
+        thread.join(0.2)  # a timed join: Ctrl-C still reaches this thread
+    if "error" in box:
+        if isinstance(box["error"], FcsaeInputError):
+            raise PrepareFailed(box["error"])
+        raise box["error"]
+    log.info("prepare %.1f s and Ray's start %.1f s ran together: %.1f s in all", box["seconds"], ray_s,
+             time.perf_counter() - t0)
+    return box["shared"], started
 
 
 def resume_command(space_path: str, root: Path) -> str:

@@ -24,7 +24,8 @@ def _trainers(activation, kw, dead_frac):
     """A fast and a dense trainer with equal weights and the same dead latents (AuxK on when any are dead)."""
     cfg = SAEConfig(d_in=D, dict_size=FN, activation=activation, **kw)
     tcfg = TrainerConfig(batch_size=B, total_tokens=B * 100, warmup_steps=0, b_dec_init="zeros", buffer_tokens=0,
-                         auxk_k=16, auxk_coeff=0.5, dead_tokens=10)
+                         auxk_k=16, auxk_coeff=0.5, dead_tokens=10,
+                         bf16_encoder="off")  # fp32 ranking on every CPU: "auto" picks bf16 on AVX512-BF16/AMX ones
     out = []
     for fast in (True, False):
         t = Trainer(SparseAutoencoder(cfg, fast=fast, seed=3), tcfg)

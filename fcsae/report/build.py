@@ -138,15 +138,15 @@ def _best(ctx: Context) -> list[Block]:
     return blocks
 
 
-def _grid_names(sweep: dict | None) -> list[str]:
-    """The grid's fields as the sweep's space (sweep.json) names them: the arms' fields, then ``search`` entries with
-    ``grid: true``; randomly searched fields are no arm (every trial would be its own)."""
-    space = (sweep or {}).get("space") or {}
-    arms = space.get("arms") or {}
-    names = list(next(iter(arms.values()))) if isinstance(arms, dict) and arms else []
-    search = space.get("search") or {}
-    names += [n for n, spec in search.items() if isinstance(search, dict) and isinstance(spec, dict) and spec.get("grid") is True]
-    return names
+def _grid_names(sweep: dict | None, trials: pl.DataFrame) -> list[str]:
+    """The grid's fields, as the driver recorded them in sweep.json (``SweepSpec.grid_names``); for an experiment
+    made before that record, the criterion and, when trials differ in it, the architecture (the arms of every
+    committed space)."""
+    names = (sweep or {}).get("grid_names")
+    if isinstance(names, list):
+        return list(names)
+    varies = rt.ACTIVATION in trials.columns and trials[rt.ACTIVATION].n_unique() > 1
+    return [rt.ACTIVATION, rt.CRITERION] if varies else [rt.CRITERION]
 
 
 def _arms(ctx: Context) -> list[Block]:
@@ -155,7 +155,7 @@ def _arms(ctx: Context) -> list[Block]:
 
     if ctx.tables.trials.height == 0 or sm.ABSORPTION not in ctx.tables.trials.columns:
         return []
-    keys = sm.arm_keys(_grid_names(ctx.sweep), ctx.tables.trials)
+    keys = sm.arm_keys(_grid_names(ctx.sweep, ctx.tables.trials), ctx.tables.trials)
     frame = sm.summary_frame(ctx.tables.trials, keys)
     metrics = [m for m in sm.COLUMNS if m in frame.columns]
     table = frame.select(*keys, "n", "failed", pl.col("absorption").alias("absorption mean"), pl.col("sd").alias("absorption sd"),
@@ -207,7 +207,7 @@ def _architectures(ctx: Context) -> list[Block]:
     blocks = [Block("h2", "Architectures at matched L0"), Block("p", text), Block("table", table, "Per L0 bin, architecture and criterion")]
     lines = rt.architecture_sentences(table, metrics[0])
     if lines:
-        blocks.append(Block("bullets", lines, f"Reading on `{metrics[0]}` (each architecture's `{rt.BASELINE}` vs topk's)"))
+        blocks.append(Block("bullets", lines, f"Reading on `{metrics[0]}` (each architecture's `{rt.BASELINE}` vs {rt.BASE_ACTIVATION}'s)"))
     return blocks
 
 

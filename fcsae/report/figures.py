@@ -225,7 +225,8 @@ def split_events_figure(curves: pl.DataFrame) -> Figure:
     ax.set_ylabel("cumulative split + resample events (count)")
     note = coincident_note(curves, CRITERION, ["tokens", "cumulative"])
     ax.set_title(f"Split and resample events over training (one line per trial){note}", fontsize=9, wrap=True)
-    ax.legend(fontsize=8, title="split criterion", title_fontsize=8)
+    mixed = any(" " in str(g) for g in group_values(curves, CRITERION))  # arm_label prefixed an architecture
+    ax.legend(fontsize=8, title="architecture, split criterion" if mixed else "split criterion", title_fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import polars as pl
 
-CRITERION = "split.criterion"
-ABSORPTION = "absorption.mean_absorption_fraction"
+from fcsae.report.tables import ABSORPTION, ACTIVATION, BASE_ACTIVATION, BASELINE, CRITERION
+
 LO, HI = f"{ABSORPTION}_lo", f"{ABSORPTION}_hi"
 MEANINGFUL = "absorption.meaningful"
-BASELINE = "none"
 COLUMNS = {  # result column -> (header, how to read it)
     "core.explained_variance": ("EV", "explained variance, higher is better"),
     "core.ce_loss_score": ("CE score", "1 = splicing the SAE in costs no LM loss, higher is better"),
@@ -132,9 +131,10 @@ def verdict(frame: pl.DataFrame, keys: list[str]) -> str:
         return ("Verdict: one trial per arm and no interval, so the differences above cannot be told from noise; "
                 "do not rank the arms on this run (add seeds: trainer.seed to the grid)." + caveat)
     names = [" ".join(str(r[k]) for k in keys) for r in d.iter_rows(named=True)]
-    # The baseline: the `none` criterion (of the topk architecture when arms differ in architecture too).
+    # The baseline: the `none` criterion (of the base architecture when arms differ in architecture too).
     base_i = next((i for i, r in enumerate(d.iter_rows(named=True))
-                   if r.get(CRITERION, r.get(keys[0])) == BASELINE and r.get("sae.activation", "topk") == "topk"),
+                   if r.get(CRITERION, r.get(keys[0])) == BASELINE
+                   and r.get(ACTIVATION, BASE_ACTIVATION) == BASE_ACTIVATION),
                   next((i for i, r in enumerate(d.iter_rows(named=True)) if r.get(CRITERION, r.get(keys[0])) == BASELINE), 0))
     lo, hi, mean = d["lo"].to_list(), d["hi"].to_list(), d["absorption"].to_list()
     parts = []

@@ -28,6 +28,8 @@ L0 = "core.l0"
 ACTIVATION = "sae.activation"
 BASELINE = "none"
 """The criterion the methods are compared against (no resampling, no splitting)."""
+BASE_ACTIVATION = "topk"
+"""The architecture the others are compared against, and whose arms keep their bare criterion name."""
 
 
 def pareto_mask(x, y, x_mode: str = "min", y_mode: str = "max") -> list[bool]:
@@ -185,7 +187,7 @@ def comparison_sentences(cmp: pl.DataFrame, metric: str) -> list[str]:
     return out
 
 
-def architecture_sentences(table: pl.DataFrame, metric: str, base_arch: str = "topk") -> list[str]:
+def architecture_sentences(table: pl.DataFrame, metric: str, base_arch: str = BASE_ACTIVATION) -> list[str]:
     """Each architecture's ``none`` cell against ``base_arch``'s ``none`` in the same L0 bin, on ``metric``
     (an ``architecture_comparison`` table): difference, its SE from the seeds' std, and whether it exceeds 2 SE."""
     if table.height == 0 or metric not in table.columns:
@@ -246,7 +248,7 @@ def arm_label(ok: pl.DataFrame) -> pl.Expr:
     if ACTIVATION not in ok.columns or ok[ACTIVATION].n_unique() < 2:
         return pl.col(CRITERION)
     acts = ok[ACTIVATION].unique(maintain_order=True).to_list()
-    base = "topk" if "topk" in acts else acts[0]
+    base = BASE_ACTIVATION if BASE_ACTIVATION in acts else acts[0]
     return pl.when(pl.col(ACTIVATION) == base).then(pl.col(CRITERION)).otherwise(
         pl.concat_str([pl.col(ACTIVATION), pl.col(CRITERION)], separator=" "))
 
@@ -270,13 +272,16 @@ def _events_file(row: dict) -> Path | None:
 def event_curves(ok: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """Cumulative events against training tokens per trial, from the trials' events.jsonl; and how many were read.
 
+    Trials are labelled by their arm (``arm_label``: other architectures' ``none`` is not topk's).
+
     A trial whose log is missing or unreadable is left out (logged); trials
     that logged no event contribute a flat line at 0.
     """
     rows, n_read = [], 0
-    cols = [c for c in ("trial_id", CRITERION, "trainer.batch_size", "events_path", "trial_dir", "tokens_trained")
+    cols = [c for c in ("trial_id", "trainer.batch_size", "events_path", "trial_dir", "tokens_trained")
             if c in ok.columns]
-    for r in ok.select(cols).iter_rows(named=True):
+    arm = arm_label(ok).alias(CRITERION) if CRITERION in ok.columns else pl.lit(None, pl.Utf8).alias(CRITERION)
+    for r in ok.select(*cols, arm).iter_rows(named=True):
         path = _events_file(r)
         if path is None:
             continue

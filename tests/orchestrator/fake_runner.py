@@ -30,12 +30,24 @@ from orchestrator.trainable import TrialOutcome
 
 
 def prepare(spec) -> dict:
-    """Nothing to harvest: a fixed d_in. ``$FCSAE_FAKE_PREPARE_ERROR`` makes it refuse, as a bad model name would."""
+    """Nothing to harvest: a fixed d_in. ``$FCSAE_FAKE_PREPARE_ERROR`` makes it refuse, as a bad model name would.
+
+    ``$FCSAE_FAKE_PREPARE_WAIT_RAY``: wait up to that many seconds for the driver's Ray to come up, as a long
+    harvest would, and record whether it did (``ray_up_during_prepare``).
+    """
     if os.environ.get("FCSAE_FAKE_PREPARE_ERROR"):
         from fcsae.errors import FcsaeInputError
 
         raise FcsaeInputError(os.environ["FCSAE_FAKE_PREPARE_ERROR"])
-    return {"d_in": 8, "norm_scale": 1.0, "prepared_at": time.time()}
+    out = {"d_in": 8, "norm_scale": 1.0, "prepared_at": time.time()}
+    if os.environ.get("FCSAE_FAKE_PREPARE_WAIT_RAY"):
+        import ray
+
+        end = time.time() + float(os.environ["FCSAE_FAKE_PREPARE_WAIT_RAY"])
+        while not ray.is_initialized() and time.time() < end:
+            time.sleep(0.1)
+        out["ray_up_during_prepare"] = ray.is_initialized()
+    return out
 
 
 def _node_id() -> str:

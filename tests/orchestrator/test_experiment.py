@@ -202,6 +202,7 @@ def test_sweep_json_marks_the_experiment(tmp_path):  # item 1
         driver.setup_experiment(_spec(), tmp_path / "exp", "new")
     meta = json.loads((tmp_path / "exp" / "sweep.json").read_text())
     assert meta["format"] == experiment.FORMAT and experiment.is_experiment(tmp_path / "exp")
+    assert meta["grid_names"] == _spec().grid_names and meta["grid_names"]  # what fcsae-report groups arms by
 
 
 def test_a_space_that_prepare_refuses_leaves_nothing_behind(tmp_path, space_file, capsys, monkeypatch):  # item 5

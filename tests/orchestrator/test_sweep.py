@@ -290,6 +290,22 @@ def test_a_trial_killed_between_its_work_and_its_row_is_re_run_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_ray_starts_while_prepare_runs(tmp_path):
+    """A prepare that outlasts Ray's start sees Ray up before it returns (the two no longer run one after the other)."""
+    (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.01}))
+    raw = copy.deepcopy(SPACE)
+    raw.update(num_samples=2, max_concurrent=2)
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(yaml.safe_dump(raw))
+    exp = tmp_path / "exp"
+    proc = _driver(space_file, exp, env={"FCSAE_FAKE_PREPARE_WAIT_RAY": "180"})
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((exp / "prepared.json").read_text())["ray_up_during_prepare"] is True
+    assert "ran together" in out
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_prints_resume_command(tmp_path, request):
     (tmp_path / "fake.json").write_text(json.dumps({"step_s": 0.3}))
     space_file = tmp_path / "fake.yaml"

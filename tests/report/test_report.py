@@ -197,6 +197,13 @@ def test_event_curves_follow_the_logs(sweep):
     # Tokens are steps x batch size (256): the first fc split is at step 5.
     fc = curves.filter((pl.col("split.criterion") == "fc") & (pl.col("cumulative") == 1))
     assert set(fc["tokens"]) == {5 * 256}
+    # Another architecture's trials are their own arm, never pooled into topk's `none`.
+    mixed = ok.with_columns(pl.when(pl.col("trial_id") == ok["trial_id"][0]).then(pl.lit("batchtopk"))
+                            .otherwise(pl.lit("topk")).alias("sae.activation"))
+    arms = rt.event_curves(mixed)[0].group_by("trial_id").agg(pl.col("split.criterion").first())
+    first = arms.filter(pl.col("trial_id") == ok["trial_id"][0])["split.criterion"].item()
+    assert first == f"batchtopk {ok['split.criterion'][0]}" and "batchtopk" not in " ".join(
+        arms.filter(pl.col("trial_id") != ok["trial_id"][0])["split.criterion"])
 
 
 # ------------------------------------------------------------------ whole reports
@@ -405,3 +412,14 @@ def test_every_criterion_has_its_own_colour_and_marker():
     assert set(CRITERIA) <= set(CRITERION_COLOURS) and set(CRITERIA) <= set(CRITERION_MARKERS)
     assert len(set(CRITERION_COLOURS.values())) == len(CRITERION_COLOURS)
     assert len(set(CRITERION_MARKERS.values())) == len(CRITERION_MARKERS)
+
+
+def test_arms_follow_the_grid_fields_the_driver_recorded(tmp_path):
+    """sweep.json's ``grid_names`` (written by the driver from ``SweepSpec.grid_names``) decide the arms."""
+    results = write_sweep(tmp_path / "exp", seeds=(0, 1), events=False, n_failed=0)
+    meta = json.loads((tmp_path / "exp" / "sweep.json").read_text())
+    meta["grid_names"] = ["sae.dict_size", "split.criterion", "trainer.seed"]
+    (tmp_path / "exp" / "sweep.json").write_text(json.dumps(meta))
+    assert report_main([str(results.parent)]) == 0
+    arms = (tmp_path / "exp" / "report" / "report.md").read_text().split("## Per arm")[1].split("\n## ")[0]
+    assert "| sae.dict_size | split.criterion | n |" in arms and "trainer.seed |" not in arms
