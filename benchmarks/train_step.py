@@ -14,6 +14,11 @@ gradient clipping, Adam step and bookkeeping, each library's own:
   ``rescale_acts_by_decoder_norm=False``, else it fails in backward);
 - ``floor``: one dense fp32 encoder matmul ``x @ W_enc`` (a TopK step cannot avoid it).
 
+Where fcsae's ``bf16_encoder='auto'`` turns the bf16-ranked encoder on (a CPU
+with AMX-BF16 or AVX512-BF16), two columns more: ``fcsae fp32`` (the same
+step with ``bf16_encoder='off'``) and ``floor bf16`` (the matmul in bf16);
+the headlines still use ``fcsae`` as a user gets it and the fp32 floor.
+
 The anchors run in their own virtualenvs (found or built under ``/tmp/venvs``,
 see ``benchmarks/_anchors.py``); one that cannot be built is skipped with its
 reason printed. All implementations see the same random batches (anisotropic,
@@ -79,10 +84,10 @@ DEAD_FRAC = 0.5
 
 
 def _trainer(d_in: int, n_lat: int, k: int, batch: int, fast: bool = True, dead_frac: float = 0.0,
-             activation: str = "topk") -> Trainer:
+             activation: str = "topk", bf16: str = "auto") -> Trainer:
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, dict_size=n_lat, k=k, activation=activation), fast=fast)
     cfg = TrainerConfig(batch_size=batch, total_tokens=batch * 10_000, warmup_steps=10, b_dec_init="zeros",
-                        log_every=10_000, buffer_tokens=0)
+                        log_every=10_000, buffer_tokens=0, bf16_encoder=bf16)
     trainer = Trainer(sae, cfg)
     trainer.bench_dead = int(dead_frac * n_lat)  # latents 0..n-1 are kept dead before every timed step
     return trainer
@@ -135,6 +140,9 @@ def bench_size(name: str, size: tuple, rounds: int, steps: int, pythons: dict, t
     data_file = tmp / f"{name.replace('/', '_')}.safetensors"
     save_file({"x": data_ND.contiguous()}, str(data_file))
     ours = {"fcsae": _trainer(*size)}
+    bf16 = ours["fcsae"].sae.encoder_bf16
+    if bf16:  # the same step with fp32 ranking, so the table shows what the bf16 ranking buys on this CPU
+        ours["fcsae fp32"] = _trainer(*size, bf16="off")
     if name in LARGE:
         ours["fcsae+dead"] = _trainer(*size, dead_frac=DEAD_FRAC)
     if with_dense:
@@ -144,7 +152,8 @@ def bench_size(name: str, size: tuple, rounds: int, steps: int, pythons: dict, t
     W_enc_DF = ours["fcsae"].sae.W_enc.detach()
     skip = () if all_anchors or name not in LARGE else (SLOW_ANCHOR,)
     workers = _anchor_workers(pythons, data_file, size, threads, skip)
-    times: dict[str, list[float]] = {key: [] for key in [*ours, *workers, "floor"]}
+    floors = ["floor", "floor bf16"] if bf16 else ["floor"]
+    times: dict[str, list[float]] = {key: [] for key in [*ours, *workers, *floors]}
     try:
         for r in range(rounds):
             for key, trainer in ours.items():
@@ -156,6 +165,8 @@ def bench_size(name: str, size: tuple, rounds: int, steps: int, pythons: dict, t
                 else:
                     times[key] += got
             times["floor"] += _time_floor(data_ND, W_enc_DF, batch, steps)
+            if bf16:
+                times["floor bf16"] += _time_floor(data_ND.bfloat16(), W_enc_DF.bfloat16(), batch, steps)
             print(f"  {name} round {r + 1}/{rounds} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
                 f"{key} {statistics.median(v[-steps:]):.3f}s" for key, v in times.items() if v), flush=True)
     finally:

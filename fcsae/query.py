@@ -22,8 +22,14 @@ from results_schema.reader import ResultTables
 
 DEFAULT_METRIC = "absorption.mean_absorption_fraction"
 """Metric the recipes rank and explain by default (lower is better)."""
-L0_BIN = 4
-"""Width (in active latents per token) of the L0 bins that count as "matched sparsity"."""
+L0_BINS_PER_OCTAVE = 4
+L0_BIN_SQL = f'ROUND(POWER(2, ROUND(LOG2("core.l0") * {L0_BINS_PER_OCTAVE}) / {L0_BINS_PER_OCTAVE}), 1)'
+"""The measured-L0 bin that counts as "matched sparsity" (the one definition; the report runs it with
+``pl.sql_expr``): a quarter octave wide, centred on the powers of two users pick k from, so 29.3-34.9 is
+the bin 32. Equal-width bins of 4 had an edge at 30, where BatchTopK SAEs with k 32 land (29.7-30.7), and
+split their seeds across two bins."""
+L0_BIN_TEXT = "quarter-octave bins of measured L0 centred on powers of two (29.3-34.9 is the bin 32)"
+"""How ``L0_BIN_SQL`` bins, in words (recipe help and report text)."""
 
 
 def run_sql(tables: ResultTables, sql: str) -> pl.DataFrame:
@@ -52,7 +58,7 @@ LIMIT 5
 MATCHED_L0_SQL = """
 SELECT "split.criterion" AS criterion,
        "sae.activation" AS activation,
-       ROUND("core.l0" / {l0_bin}) * {l0_bin} AS l0_bin,
+       {l0_bin} AS l0_bin,
        COUNT(*) AS n_trials,
        COUNT(DISTINCT "trainer.seed") AS n_seeds,
        AVG("{metric}") AS metric_mean,
@@ -155,7 +161,7 @@ def _best(tables, metric=DEFAULT_METRIC, **_):
 
 def _matched_l0(tables, metric=DEFAULT_METRIC, **_):
     _check_metric(tables, metric)
-    return run_sql(tables, MATCHED_L0_SQL.format(metric=metric, l0_bin=L0_BIN))
+    return run_sql(tables, MATCHED_L0_SQL.format(metric=metric, l0_bin=L0_BIN_SQL))
 
 
 def _letters(tables, trial=None, **_):
@@ -177,7 +183,7 @@ def _importance(tables, metric=DEFAULT_METRIC, **_):
 
 RECIPES: dict[str, Recipe] = {
     "best": Recipe("the 5 best ok trials by --metric (absorption: lowest first)", _best),
-    "matched-l0": Recipe(f"each split criterion's and architecture's mean/std of --metric within measured-L0 bins of {L0_BIN} latents", _matched_l0),
+    "matched-l0": Recipe(f"each split criterion's and architecture's mean/std of --metric within {L0_BIN_TEXT}", _matched_l0),
     "letters": Recipe("one trial's per-letter absorption table (--trial ID)", _letters),
     "failed": Recipe("failed and pruned trials with the reason", _failed),
     "importance": Recipe("each searched parameter's effect on --metric (Spearman rho or eta squared)", _importance),

@@ -201,8 +201,8 @@ def _architectures(ctx: Context) -> list[Block]:
     table = rt.architecture_comparison(ctx.ok, metrics)
     if table.height == 0:
         return []  # one architecture: the criteria comparison says it all
-    text = (f"Architectures (`sae.activation`) compared at matched measured L0: trials grouped into bins of "
-            f"{rt.L0_BIN} active latents of `{rt.L0}` (the inference code's L0, not the nominal k), then per "
+    text = (f"Architectures (`sae.activation`) compared at matched measured L0: trials grouped into "
+            f"{rt.L0_BIN_TEXT} (`{rt.L0}`, the inference code's L0, not the nominal k), then per "
             "criterion; means over seeds, std across seeds.")
     blocks = [Block("h2", "Architectures at matched L0"), Block("p", text), Block("table", table, "Per L0 bin, architecture and criterion")]
     lines = rt.architecture_sentences(table, metrics[0])

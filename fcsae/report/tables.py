@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from fcsae.query import L0_BIN
+from fcsae.query import L0_BIN_SQL, L0_BIN_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _criterion_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     return out.select("criterion", "metric", "n_trials", "n_seeds", "mean", "std", f"Δ vs {BASELINE}", "Δ SE")
 
 
-def architecture_comparison(ok: pl.DataFrame, metrics: list[str], l0_bin: float = L0_BIN) -> pl.DataFrame:
+def architecture_comparison(ok: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
     """Per (measured-L0 bin, architecture, criterion): seeds, and each metric's mean and std across seed means.
 
     Architectures are compared at matched *measured* L0 (``core.l0``, the
@@ -143,7 +143,7 @@ def architecture_comparison(ok: pl.DataFrame, metrics: list[str], l0_bin: float 
         return pl.DataFrame()
     crit = pl.col(CRITERION) if CRITERION in ok.columns else pl.lit(BASELINE)
     d = ok.filter(pl.col(L0).is_not_null() & pl.col(L0).is_not_nan()).with_columns(
-        ((pl.col(L0) / l0_bin).round() * l0_bin).alias("L0 bin"), crit.alias("_crit"))
+        pl.sql_expr(L0_BIN_SQL).alias("L0 bin"), crit.alias("_crit"))
     d = d.with_columns(pl.concat_str([pl.col("L0 bin").cast(pl.Utf8), pl.col(ACTIVATION), pl.col("_crit")],
                                      separator="|").alias("_cell"))
     out = None

@@ -93,6 +93,16 @@ def test_architectures_compared_at_matched_measured_l0():
     assert rt.architecture_comparison(pl.DataFrame(rows).filter(pl.col("sae.activation") == "topk"), [rt.ABSORPTION]).height == 0
 
 
+def test_batchtopk_seeds_just_under_their_k_share_one_bin_with_topk():
+    """The study's L0s (BatchTopK k 32: 29.81, 30.07, 30.19): bins of 4 put them in 28 and 32, split across seeds."""
+    rows = [{"trial_id": f"b{s}", "sae.activation": "batchtopk", rt.CRITERION: "none", rt.SEED: s, rt.L0: l0,
+             rt.ABSORPTION: 0.6} for s, l0 in enumerate((29.81, 30.07, 30.19))]
+    rows += [{"trial_id": f"t{s}", "sae.activation": "topk", rt.CRITERION: "none", rt.SEED: s, rt.L0: 32.0,
+              rt.ABSORPTION: 0.5} for s in range(3)]
+    table = rt.architecture_comparison(pl.DataFrame(rows), [rt.ABSORPTION])
+    assert table["L0 bin"].to_list() == [32.0, 32.0] and table["n_seeds"].to_list() == [3, 3]
+
+
 def test_architecture_sentences_against_topk_none_with_seed_se():
     rows = []
     for arch, vals in (("topk", (0.50, 0.52, 0.54)), ("matryoshka", (0.20, 0.22, 0.24)), ("batchtopk", (0.49, 0.53, 0.55))):
