@@ -489,6 +489,23 @@ def _fit(spec, root, sweep_id, prepare, resuming, address, num_cpus, fail_fast, 
             (control / ray_procs.PIDS_FILE).unlink(missing_ok=True)
 
 
+class _RayAdvice(logging.Filter):
+    """Drops Ray Tune's lines that tell an fcsae user the wrong thing: ``Tuner.restore(...)`` as the way to resume
+    (the driver prints its own ``--resume`` command) and metrics it could not fetch for trials that had not
+    reported yet (the driver counts trials from their rows, not from Tune's analysis)."""
+
+    DROP = ("Experiment has been interrupted", "Failed to fetch metrics for")
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.DROP)
+
+
+_RAY_ADVICE = _RayAdvice()
+for _name in _RayAdvice.LOGGERS:
+    logging.getLogger(_name).addFilter(_RAY_ADVICE)
+
+
 class PrepareFailed(Exception):
     """The runner's ``prepare`` refused its input (``error``, an FcsaeInputError); Ray has been stopped."""
 
