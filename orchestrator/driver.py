@@ -468,9 +468,9 @@ def _fit(spec, root, sweep_id, prepare, resuming, address, num_cpus, fail_fast, 
     # The watchdog starts before ray.init: a driver killed in the middle of it must not leak a half-started Ray.
     local = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     watchdog = ray_procs.Watchdog(control, lock.fileno()) if local else None
-    started, progress = False, None
+    progress = None
     try:
-        shared, started = prepare_while_ray_starts(prepare, address, num_cpus, root)
+        shared = prepare_while_ray_starts(prepare, address, num_cpus, root)
         progress = SweepProgress(spec, before, live=live)
         check_cluster_resources(spec)
         tuner = build_tuner(spec, root, sweep_id, shared, resuming, fail_fast, max_failures,
@@ -484,7 +484,7 @@ def _fit(spec, root, sweep_id, prepare, resuming, address, num_cpus, fail_fast, 
             progress.stop()
         if watchdog is not None:
             watchdog.done()
-        if started or (local and ray.is_initialized()):
+        if local and ray.is_initialized():  # the local Ray this driver started (also if prepare failed)
             ray.shutdown()
             (control / ray_procs.PIDS_FILE).unlink(missing_ok=True)
 
@@ -514,8 +514,8 @@ class PrepareFailed(Exception):
         self.error = error
 
 
-def prepare_while_ray_starts(prepare, address, num_cpus, root) -> tuple[dict, bool]:
-    """``prepare()`` in a thread while Ray starts here; returns (what prepare returned, whether we started Ray).
+def prepare_while_ray_starts(prepare, address, num_cpus, root) -> dict:
+    """``prepare()`` in a thread while Ray starts (or is joined) here; returns what prepare returned.
 
     Ray's start (9-25 s on 2 cores) and prepare (loading the model, harvesting on a cold cache) do not depend
     on each other. ``ray.init`` stays in the main thread, where it installs its SIGTERM handler; the thread
@@ -535,7 +535,7 @@ def prepare_while_ray_starts(prepare, address, num_cpus, root) -> tuple[dict, bo
     thread = threading.Thread(target=work, name="fcsae-prepare", daemon=True)
     t0 = time.perf_counter()
     thread.start()
-    started = start_ray(address, num_cpus, root)
+    start_ray(address, num_cpus, root)
     ray_s = time.perf_counter() - t0
     while thread.is_alive():
         thread.join(0.2)  # a timed join: Ctrl-C still reaches this thread
@@ -545,7 +545,7 @@ def prepare_while_ray_starts(prepare, address, num_cpus, root) -> tuple[dict, bo
         raise box["error"]
     log.info("prepare %.1f s and Ray's start %.1f s ran together: %.1f s in all", box["seconds"], ray_s,
              time.perf_counter() - t0)
-    return box["shared"], started
+    return box["shared"]
 
 
 def resume_command(space_path: str, root: Path) -> str:

@@ -59,11 +59,18 @@ def trial_states(ray_dir) -> dict[str, str]:
     return out
 
 
-def _parses(path: Path) -> bool:
+def _parses(data: bytes) -> bool:
     try:
-        json.loads(path.read_text())
+        json.loads(data)
         return True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _readable(path: Path) -> bool:
+    try:
+        return _parses(path.read_bytes())
+    except OSError:
         return False
 
 
@@ -71,7 +78,7 @@ def _top_files(ray_dir: Path) -> dict[str, tuple[int, int]]:
     """name -> (mtime_ns, size) of the regular files directly in ``ray_dir`` (the copy itself excluded)."""
     out = {}
     for p in ray_dir.iterdir():
-        if p.name == SNAPSHOT_NAME or p.name.startswith(".") or not p.is_file():
+        if p.name.startswith(".") or not p.is_file():  # hidden: the copy and its temporary files
             continue
         st = p.stat()
         out[p.name] = (st.st_mtime_ns, st.st_size)
@@ -89,11 +96,12 @@ def take_snapshot(ray_dir: Path, last: dict | None = None) -> dict | None:
     if not states or before == last:
         return None
     newest_ns = max(ns for ns, _ in before.values())
-    if time.time_ns() - newest_ns < QUIET_S * 1e9 or not _parses(ray_dir / states[-1]):
+    if time.time_ns() - newest_ns < QUIET_S * 1e9:
         return None
-    blobs = {name: base64.b64encode((ray_dir / name).read_bytes()).decode() for name in before}
-    if _top_files(ray_dir) != before:  # Tune wrote while we read: this copy may mix two saves
+    data = {name: (ray_dir / name).read_bytes() for name in before}
+    if _top_files(ray_dir) != before or not _parses(data[states[-1]]):  # mid-save, or torn
         return None
+    blobs = {name: base64.b64encode(raw).decode() for name, raw in data.items()}
     with atomic_path(ray_dir / SNAPSHOT_NAME) as tmp:
         tmp.write_text(json.dumps({"format": "fcsae-ray-state/1", "files": blobs}))
     return before
@@ -108,14 +116,14 @@ def mend(ray_dir) -> bool:
     if isinstance(ray_dir, storage.RemotePath) or not ray_dir.is_dir():
         return False
     states = state_files(ray_dir)
-    if not states or _parses(states[-1]):
+    if not states or _readable(states[-1]):
         return False
     torn = states[-1]
     try:
         copy = json.loads((ray_dir / SNAPSHOT_NAME).read_text())["files"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         copy = {}
-    if torn.name not in copy and len(states) > 1 and _parses(states[-2]):
+    if torn.name not in copy and len(states) > 1 and _readable(states[-2]):
         # killed in its first second, before any copy: the session before it saved a whole state
         torn.replace(torn.with_name(torn.name + ".torn"))
         log.warning("%s was torn (the driver was killed while Ray saved it): resuming from the session before "
